@@ -1,0 +1,36 @@
+# The two commands of the README:
+#   make smoke   set up .venv and run the CPU smoke pipeline (the main job)
+#   make test    set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+EXTRAS := data,cluster,monitoring,test
+
+.PHONY: setup smoke test bench clean
+
+setup: $(STAMP)
+
+# Torch first, from the constraints file, so that deepspeed (which builds against torch)
+# and everything else resolve against the CPU 2.13.0 build already on the machine.
+$(STAMP): pyproject.toml constraints.txt scripts/setup_system.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel -c constraints.txt
+	$(PIP) install -q torch==2.13.0 -c constraints.txt
+	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]" -c constraints.txt
+	bash scripts/setup_system.sh
+	touch $(STAMP)
+
+smoke: $(STAMP)
+	$(PY) -m launchers.smoke
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m kernels.bench
+	$(PY) -m mmrec.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs
