@@ -1,0 +1,65 @@
+"""One MM-Rec block (DESIGN.md 3.1): gated linear recurrence + segment memory + SwiGLU FFN.
+
+    u = RMSNorm(x);  z, f, g, o = split(W_in u)
+    gamma_t = lo + (1 - lo) sigmoid(f_t)        decay, per channel, in (lo, 1)
+    h_t = gamma_t h_{t-1} + (1 - gamma_t) sigmoid(g_t) z_t      (kernels.scan, fp32 or wider)
+    m_t = memory read;  x += dropout(W_out((h_t + m_t) silu(o_t)));  x += dropout(SwiGLU(RMSNorm(x)))
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from mmrec.config import ModelConfig
+from mmrec.model.layers import RMSNorm, SwiGLU, accumulation_dtype
+from mmrec.model.memory import SegmentMemory
+from mmrec.model.state import BlockState
+
+
+class MMRecBlock(nn.Module):
+    def __init__(self, config: ModelConfig, decay_lo: float):
+        super().__init__()
+        D = config.d_model
+        self.decay_lo = decay_lo
+        # log(lo) and log(1 - lo) are constants of the layer; kept as floats so they follow any dtype.
+        self.log_lo, self.log_one_minus_lo = math.log(decay_lo), math.log1p(-decay_lo)
+        self.in_norm = RMSNorm(D, config.norm_eps)
+        self.in_proj = nn.Linear(D, 4 * D, bias=False)  # z, f, g, o in one matmul
+        self.memory = SegmentMemory(D, config.n_heads, config.memory_slots, config.segment_len, config.init_std)
+        self.out_proj = nn.Linear(D, D, bias=False)
+        self.ffn_norm = RMSNorm(D, config.norm_eps)
+        self.ffn = SwiGLU(D, config.ffn_dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def initial_state(self, batch: int) -> BlockState:
+        param = self.in_proj.weight
+        acc = torch.promote_types(param.dtype, torch.float32)
+        D = param.shape[1]
+        memory = self.memory.initial_memory.to(acc).unsqueeze(0).expand(batch, -1, -1)  # [B, S, D], keeps grad to M_0
+        write_max, write_norm, write_sum = self.memory.initial_accumulators(batch, acc, param.device)
+        return BlockState(torch.zeros(batch, D, dtype=acc, device=param.device), memory, write_max, write_norm, write_sum, 0)
+
+    def forward(self, x: torch.Tensor, state: BlockState | None = None) -> tuple[torch.Tensor, BlockState]:
+        # x [B, T, D] -> [B, T, D]
+        B, T, _ = x.shape
+        if state is None:
+            state = self.initial_state(B)
+        z, f, g, o = self.in_proj(self.in_norm(x)).chunk(4, dim=-1)
+        acc = accumulation_dtype(z)
+        f = f.to(acc)
+        # log gamma = log(lo + (1-lo) sigmoid f) = logaddexp(log lo, log(1-lo) + logsigmoid f): no exp overflow,
+        # no log of a rounded 1; and 1 - gamma = (1-lo) sigmoid(-f) without the cancellation of 1 - gamma.
+        log_gamma = torch.logaddexp(torch.full_like(f, self.log_lo), self.log_one_minus_lo + F.logsigmoid(f))
+        drive = (1.0 - self.decay_lo) * torch.sigmoid(-f) * torch.sigmoid(g.to(acc)) * z.to(acc)
+        h, h_last = kernels.scan(log_gamma, drive, state.h.to(acc))  # [B, T, D], [B, D]
+        read, memory, write_max, write_norm, write_sum = self.memory(
+            h, state.memory, state.write_max, state.write_norm, state.write_sum, state.position
+        )
+        y = self.out_proj(((h + read) * F.silu(o.to(acc))).to(x.dtype))
+        x = x + self.dropout(y)
+        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return x, BlockState(h_last, memory, write_max, write_norm, write_sum, state.position + T)
