@@ -1,0 +1,132 @@
+"""SentencePiece tokenizer that gives code back byte for byte.
+
+SentencePiece treats its input as one line: a newline inside text would either split training
+sentences or fall back to a byte piece with no learned merges around it. So newlines are handled
+outside SentencePiece: text is split on "\\n", each line is encoded on its own, and the lines are
+joined with the id of a reserved control piece NEWLINE_PIECE. A control piece can never be produced
+from raw text, so a file that literally contains "<nl>" still round-trips. The other settings keep
+code intact: identity normalisation, no whitespace squashing, no dummy prefix, byte fallback for
+anything outside the vocabulary, and digits split so numbers do not eat the vocabulary.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from typing import Iterable, Iterator
+
+from datasets_prep import storage
+
+NEWLINE_PIECE = "<nl>"
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+# 256 byte pieces + unk/bos/eos + the newline piece must fit, with room for some real merges.
+MIN_VOCAB_SIZE = 300
+
+
+class SentencePieceTokenizer:
+    """encode(str) -> list[int] and decode(list[int]) -> str, exact for any valid UTF-8 text."""
+
+    def __init__(self, model_bytes: bytes):
+        import sentencepiece as spm
+
+        self.model_bytes = model_bytes
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        self.newline_id = self._sp.piece_to_id(NEWLINE_PIECE)
+        if self._sp.id_to_piece(self.newline_id) != NEWLINE_PIECE:
+            raise ValueError(f"this SentencePiece model has no {NEWLINE_PIECE!r} control piece: "
+                             f"train it with datasets_prep.train_tokenizer")
+        self.eos_id = self._sp.eos_id()
+        self.bos_id = self._sp.bos_id()
+        self.vocab_size = self._sp.get_piece_size()
+
+    @classmethod
+    def from_url(cls, url: str, expected_sha256: str | None = None) -> "SentencePieceTokenizer":
+        """Load tokenizer.model from a path, file:// or s3:// URL; verify its hash when given."""
+        tokenizer = cls(storage.read_bytes(url))
+        if expected_sha256 is not None and tokenizer.sha256 != expected_sha256:
+            raise ValueError(f"tokenizer {url} has sha256 {tokenizer.sha256[:12]}..., the manifest "
+                             f"expects {expected_sha256[:12]}...: it was overwritten; re-run prep")
+        return tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        lines = text.split("\n")
+        encoded = self._sp.encode(lines)
+        ids: list[int] = list(encoded[0])
+        for line_ids in encoded[1:]:
+            ids.append(self.newline_id)
+            ids.extend(line_ids)
+        return ids
+
+    def encode_many(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        """Batch form of encode: one SentencePiece call for all lines of all texts."""
+        lines: list[str] = []
+        line_counts = []
+        for text in texts:
+            parts = text.split("\n")
+            lines.extend(parts)
+            line_counts.append(len(parts))
+        encoded = self._sp.encode(lines, num_threads=num_threads)
+        out = []
+        cursor = 0
+        for count in line_counts:
+            ids = list(encoded[cursor])
+            for line_ids in encoded[cursor + 1:cursor + count]:
+                ids.append(self.newline_id)
+                ids.extend(line_ids)
+            cursor += count
+            out.append(ids)
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        lines: list[list[int]] = [[]]
+        for token in ids:
+            token = int(token)
+            if token == self.newline_id:
+                lines.append([])
+            else:
+                lines[-1].append(token)
+        return "\n".join(self._sp.decode(lines))
+
+    def id_to_piece(self, token: int) -> str:
+        return self._sp.id_to_piece(int(token))
+
+
+def _training_lines(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        for line in text.split("\n"):
+            if line:
+                yield line
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, model_type: str = "unigram",
+                    num_threads: int | None = None) -> SentencePieceTokenizer:
+    """Train on `texts` (already a sample of the corpus); returns the tokenizer, model in memory."""
+    import sentencepiece as spm
+
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 260 "
+                         f"pieces; use at least {MIN_VOCAB_SIZE}")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=0.9995,
+        control_symbols=[NEWLINE_PIECE],
+        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+        # A small sample may not support the requested size; take what it supports instead of
+        # failing, and report the real size through vocab_size.
+        hard_vocab_limit=False,
+        max_sentence_length=16384,
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    return SentencePieceTokenizer(model.getvalue())
