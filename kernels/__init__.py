@@ -1,14 +1,11 @@
-"""Scan kernels. Provisional entry point: replaced by the dispatching implementation."""
-from __future__ import annotations
+"""Kernels used by the model. Today one op: the linear recurrent scan.
 
-import torch
+    from kernels import scan
+    h, h_last = scan(log_a, x, h0)        # h_t = exp(log_a_t) * h_{t-1} + x_t
 
-from kernels.scan.reference import scan_reference
+Each op lives in its own folder (kernels/scan/) with the naive reference beside the fast paths.
+Note: `kernels.scan` is the function; the op's modules are imported as `kernels.scan.cpu` etc.
+"""
+from kernels.scan import BACKENDS, scan, scan_reference
 
-
-def scan(log_a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None, backend: str | None = None):
-    h, h_last = scan_reference(log_a, x, h0)
-    return h.to(x.dtype), h_last.to(x.dtype)
-
-
-__all__ = ["scan", "scan_reference"]
+__all__ = ["BACKENDS", "scan", "scan_reference"]
