@@ -51,7 +51,7 @@ NAN_ROLLBACKS = f"{PREFIX}_nan_rollbacks"  # counter
 CORRUPT_SHARDS = f"{PREFIX}_corrupt_shards_skipped"  # counter
 
 # Model internals: per-layer norms of the recurrent state h and the long-term memory M.
-STATE_H_NORM = f"{PREFIX}_state_h_norm"
+STATE_H_NORM = f"{PREFIX}_recurrent_state_norm"
 STATE_MEMORY_NORM = f"{PREFIX}_state_memory_norm"
 
 # Process and accelerator memory.
