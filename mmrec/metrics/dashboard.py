@@ -58,7 +58,14 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
         (
             PanelSpec("Tokens / s", "short", (_q(f"sum by ({BY}) (rate({n.TOKENS}_total{{{SEL}}}[{RATE}]))", "{{stage}}/{{expert}}"),),
                       "All workers of a stage summed; from the tokens counter."),
-            PanelSpec("Samples / s", "short", (_q(f"sum by ({BY}) (rate({n.SAMPLES}_total{{{SEL}}}[{RATE}]))", "{{stage}}/{{expert}}"),)),
+            PanelSpec(
+                "Samples / s",
+                "short",
+                (
+                    _q(f"sum by ({BY}) (rate({n.SAMPLES}_total{{{SEL}}}[{RATE}]))", "{{stage}}/{{expert}}"),
+                    _q(f"{n.SAMPLES_PER_SECOND}{{{SEL}}}", "{{stage}}/{{expert}} rank {{rank}} last step"),
+                ),
+            ),
             PanelSpec("MFU", "percentunit", (_q(f"avg by ({BY}) ({n.MFU}{{{SEL}}})", "{{stage}}/{{expert}}"),),
                       "Model FLOPs utilisation against the configured peak FLOP/s; empty when no peak is configured."),
             PanelSpec("Tokens / s per rank", "short", (_q(f"{n.TOKENS_PER_SECOND}{{{SEL}}}", "{{stage}}/{{expert}} rank {{rank}}"),),
@@ -148,6 +155,12 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                 "s",
                 (_q(f"time() - max by ({BY}) ({n.CHECKPOINT_LAST_SAVE_TIMESTAMP}{{{SEL}}})", "{{stage}}/{{expert}}"),),
                 "The MMRecCheckpointTooOld alert fires above one hour.",
+            ),
+            PanelSpec(
+                "Seconds since the last step",
+                "s",
+                (_q(f"time() - max by ({BY}) ({n.LAST_STEP_TIMESTAMP}{{{SEL}}})", "{{stage}}/{{expert}}"),),
+                "The MMRecNoProgress alert fires above 10 minutes.",
             ),
             PanelSpec(
                 "Training step and last checkpoint step",
