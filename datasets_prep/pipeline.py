@@ -229,10 +229,10 @@ def plan_shards(counts: list[dict], samples_per_shard: int) -> list[tuple[str, s
 
 
 def run_prep(config: PrepConfig) -> str:
+    specs = [source_lib.parse_source(spec) for spec in config.sources]
     storage.check_writable_location(config.out)
     settings = storage.S3Settings.from_env()
-    items = [item for spec in config.sources for item in source_lib.expand(
-        source_lib.parse_source(spec))]
+    items = [item for spec in specs for item in source_lib.expand(spec)]
     partitions = source_lib.partition(items, int(config.partition_mb * 1024 * 1024))
     ray = _connect_ray()
 

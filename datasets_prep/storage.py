@@ -279,7 +279,12 @@ def check_writable_location(url: str) -> None:
     """Fail fast, before any work is scheduled, if `url` cannot be written (bucket, credentials)."""
     if is_s3(url):
         bucket, _ = split_s3(url)
-        with_retries(lambda: _client().head_bucket(Bucket=bucket), what=f"s3://{bucket}")
+        try:
+            with_retries(lambda: _client().head_bucket(Bucket=bucket), what=f"s3://{bucket}")
+        except StorageNotFound:  # HEAD has no body, so a missing bucket is a bare 404
+            endpoint = current_s3_settings().endpoint_url or "AWS default endpoint"
+            raise StorageError(f"bucket {bucket!r} does not exist at {endpoint}: create it first "
+                               f"(e.g. `aws s3 mb s3://{bucket}`) or fix the URL {url}") from None
         return
     os.makedirs(local_path(url), exist_ok=True)
 

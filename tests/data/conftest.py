@@ -155,3 +155,9 @@ def labelled_dataset(tmp_path):
         return write_labelled_dataset(made[-1], sizes, seq_len)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def prep_args():
+    """(source, options) that prepared_s3 used: re-running with them must change nothing."""
+    return DEMO_SOURCE, dict(PREP_OPTIONS)

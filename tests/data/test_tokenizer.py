@@ -1,0 +1,86 @@
+"""The tokenizer gives real stdlib code back byte for byte, whitespace and unicode included."""
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from datasets_prep.tokenizer import NEWLINE_PIECE, SentencePieceTokenizer, train_tokenizer
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TRAIN_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "string.py"]
+
+
+def _has(text: str) -> set[str]:
+    features = set()
+    if "\t" in text:
+        features.add("tab")
+    if any(line != line.rstrip(" ") for line in text.split("\n")):
+        features.add("trailing space")
+    if any(ord(c) > 127 for c in text):
+        features.add("unicode")
+    if "\n\n" in text:
+        features.add("blank line")
+    return features
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> SentencePieceTokenizer:
+    texts = [(STDLIB / name).read_text(encoding="utf-8") for name in TRAIN_FILES]
+    return train_tokenizer(texts, vocab_size=400, num_threads=1)
+
+
+def _files_with_every_feature(limit: int) -> list[Path]:
+    """Real stdlib files that between them hold tabs, trailing spaces, unicode and blank lines."""
+    wanted = {"tab", "trailing space", "unicode", "blank line"}
+    chosen, covered = [], set()
+    for path in sorted(STDLIB.rglob("*.py")):
+        try:
+            features = _has(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:  # a few stdlib test files are deliberately not UTF-8
+            continue
+        if features - covered and len(chosen) < limit:
+            chosen.append(path)
+            covered |= features
+        if covered == wanted:
+            break
+    assert covered == wanted, f"stdlib lacks {wanted - covered}; pick other files"
+    return chosen
+
+
+def test_stdlib_code_round_trips_byte_for_byte(tokenizer):
+    for path in _files_with_every_feature(limit=8) + [STDLIB / "test" / "test_unicode.py"]:
+        if not path.exists():
+            continue
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids).encode("utf-8") == raw, path
+        assert all(0 <= i < tokenizer.vocab_size for i in ids)
+
+
+def test_newline_is_its_own_piece_and_literal_marker_survives(tokenizer):
+    text = f"a\tb  \n\n\r\n  x = '{NEWLINE_PIECE} ünï ✓ 🙂 12345'  \n"
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert ids.count(tokenizer.newline_id) == text.count("\n")
+    assert tokenizer.encode_many([text, "", "x\n"]) == [ids, [], tokenizer.encode("x\n")]
+    # split_digits: no learned piece spans two digits (byte pieces like <0xF0> are not text)
+    pieces = [tokenizer.id_to_piece(i) for i in ids]
+    assert all(sum(c.isdigit() for c in p) <= 1 for p in pieces if not p.startswith("<0x"))
+    assert sum(p in "12345" for p in pieces) == 5
+
+
+def test_model_hash_is_checked_on_load(tokenizer, tmp_path):
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(tokenizer.model_bytes)
+    loaded = SentencePieceTokenizer.from_url(str(path), expected_sha256=tokenizer.sha256)
+    assert loaded.encode("def f():\n\treturn 1\n") == tokenizer.encode("def f():\n\treturn 1\n")
+    with pytest.raises(ValueError, match="was overwritten"):
+        SentencePieceTokenizer.from_url(str(path), expected_sha256="0" * 64)
+
+
+def test_too_small_vocab_is_a_clear_error():
+    with pytest.raises(ValueError, match="vocab_size=100 is too small"):
+        train_tokenizer(["x = 1\n"], vocab_size=100)
