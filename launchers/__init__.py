@@ -1,0 +1,1 @@
+"""Thin command-line entry points: `python -m launchers.<name>`; they parse arguments and call mmrec/cluster."""
