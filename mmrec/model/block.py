@@ -35,19 +35,9 @@ class MMRecBlock(nn.Module):
         self.ffn = SwiGLU(D, config.ffn_dim)
         self.dropout = nn.Dropout(config.dropout)
 
-    def initial_state(self, batch: int) -> BlockState:
-        param = self.in_proj.weight
-        acc = torch.promote_types(param.dtype, torch.float32)
-        D = param.shape[1]
-        memory = self.memory.initial_memory.to(acc).unsqueeze(0).expand(batch, -1, -1)  # [B, S, D], keeps grad to M_0
-        write_max, write_norm, write_sum = self.memory.initial_accumulators(batch, acc, param.device)
-        return BlockState(torch.zeros(batch, D, dtype=acc, device=param.device), memory, write_max, write_norm, write_sum, 0)
-
     def forward(self, x: torch.Tensor, state: BlockState | None = None) -> tuple[torch.Tensor, BlockState]:
         # x [B, T, D] -> [B, T, D]
-        B, T, _ = x.shape
-        if state is None:
-            state = self.initial_state(B)
+        T = x.shape[1]
         z, f, g, o = self.in_proj(self.in_norm(x)).chunk(4, dim=-1)
         acc = accumulation_dtype(z)
         f = f.to(acc)
@@ -55,11 +45,10 @@ class MMRecBlock(nn.Module):
         # no log of a rounded 1; and 1 - gamma = (1-lo) sigmoid(-f) without the cancellation of 1 - gamma.
         log_gamma = torch.logaddexp(torch.full_like(f, self.log_lo), self.log_one_minus_lo + F.logsigmoid(f))
         drive = (1.0 - self.decay_lo) * torch.sigmoid(-f) * torch.sigmoid(g.to(acc)) * z.to(acc)
-        h, h_last = kernels.scan(log_gamma, drive, state.h.to(acc))  # [B, T, D], [B, D]
-        read, memory, write_max, write_norm, write_sum = self.memory(
-            h, state.memory, state.write_max, state.write_norm, state.write_sum, state.position
-        )
+        h, h_last = kernels.scan(log_gamma, drive, None if state is None else state.h.to(acc))  # [B, T, D], [B, D]
+        read, memory, write_max, write_norm, write_sum = self.memory(h, state)
         y = self.out_proj(((h + read) * F.silu(o.to(acc))).to(x.dtype))
         x = x + self.dropout(y)
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
-        return x, BlockState(h_last, memory, write_max, write_norm, write_sum, state.position + T)
+        position = 0 if state is None else state.position
+        return x, BlockState(h_last, memory, write_max, write_norm, write_sum, position + T)

@@ -29,11 +29,22 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
         )
 
 
+class TiedEmbedding(nn.Embedding):
+    """Token embedding that is also the LM head: forward(ids) looks tokens up, forward(x, as_head=True)
+    gives x @ weight^T. Both go through this module's forward so hooks that gather or shard its
+    weight (ZeRO-3, FSDP) see every use of it."""
+
+    def forward(self, inputs: torch.Tensor, as_head: bool = False) -> torch.Tensor:
+        if as_head:
+            return F.linear(inputs, self.weight)  # [B, T, D] -> [B, T, V]
+        return super().forward(inputs)  # [B, T] -> [B, T, D]
+
+
 class Expert(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.embedding = TiedEmbedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(MMRecBlock(config, lo) for lo in config.decay_lower_bounds())
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.gradient_checkpointing = False
@@ -52,9 +63,6 @@ class Expert(nn.Module):
             for linear in (block.out_proj, block.ffn.down):
                 nn.init.normal_(linear.weight, std=std / math.sqrt(2 * self.config.n_layers))
 
-    def initial_state(self, batch: int) -> ExpertState:
-        return ExpertState([block.initial_state(batch) for block in self.blocks])
-
     def _check_state(self, state: ExpertState, batch: int) -> None:
         if not isinstance(state, ExpertState):
             raise TypeError(f"state must be an ExpertState (or None for a fresh sequence), got {type(state).__name__}")
@@ -67,12 +75,12 @@ class Expert(nn.Module):
     def features(self, ids: torch.Tensor, state: ExpertState | None = None) -> tuple[torch.Tensor, ExpertState]:
         """Final-normed hidden states [B, T, D] (what the head and the fusion layer read) and the new state."""
         check_token_ids(ids, self.config.vocab_size)
-        if state is None:
-            state = self.initial_state(ids.shape[0])
-        self._check_state(state, ids.shape[0])
+        if state is not None:
+            self._check_state(state, ids.shape[0])
+        layer_states = [None] * len(self.blocks) if state is None else state.layers
         x = self.embedding(ids)  # [B, T, D]
         new_states = []
-        for block, block_state in zip(self.blocks, state.layers):
+        for block, block_state in zip(self.blocks, layer_states):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, block_state = checkpoint(block, x, block_state, use_reentrant=False)
             else:
@@ -85,7 +93,7 @@ class Expert(nn.Module):
     def forward(self, ids: torch.Tensor, state: ExpertState | None = None) -> tuple[torch.Tensor, ExpertState]:
         """ids [B, T] -> logits [B, T, V] through the tied head, and the state after the last token."""
         features, state = self.features(ids, state)
-        return F.linear(features, self.embedding.weight), state
+        return self.embedding(features, as_head=True), state
 
     def state_norms(self) -> tuple[list[float], list[float]]:
         """Per layer, from the last forward: batch mean of ||h_T||_2 and of the memory's Frobenius norm ||M||_F."""

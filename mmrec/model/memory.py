@@ -25,6 +25,7 @@ from torch import nn
 
 import kernels
 from mmrec.model.layers import accumulation_dtype
+from mmrec.model.state import BlockState
 
 
 class SegmentMemory(nn.Module):
@@ -59,19 +60,23 @@ class SegmentMemory(nn.Module):
             torch.zeros(batch, H, S, dh, dtype=dtype, device=device),
         )
 
-    def forward(
-        self,
-        h: torch.Tensor,  # [B, T, D] scan output of this chunk
-        memory: torch.Tensor,  # [B, S, D] memory after the last finished segment
-        write_max: torch.Tensor,  # [B, H, S]
-        write_norm: torch.Tensor,  # [B, H, S]
-        write_sum: torch.Tensor,  # [B, H, S, dh]
-        position: int,  # absolute position of h[:, 0]
-    ):
-        """Returns (read [B, T, D], memory, write_max, write_norm, write_sum) after this chunk."""
+    def forward(self, h: torch.Tensor, state: BlockState | None):
+        """h [B, T, D]: the scan output of this chunk; state: the block state before it (None: a fresh sequence).
+
+        Returns (read [B, T, D], memory [B, S, D], write_max, write_norm, write_sum) after this chunk.
+        """
         B, T, D = h.shape
         H, S, dh, C = self.n_heads, self.slots, self.head_dim, self.segment_len
-        acc = accumulation_dtype(memory)
+        acc = accumulation_dtype(h)
+        if state is None:
+            # M_0 is read here, inside this module's forward, like every other parameter: that is where
+            # ZeRO-3 has gathered it. The expand keeps the gradient path to M_0.
+            memory = self.initial_memory.to(acc).unsqueeze(0).expand(B, S, D)
+            write_max, write_norm, write_sum = self.initial_accumulators(B, acc, h.device)
+            position = 0
+        else:
+            memory, position = state.memory, state.position
+            write_max, write_norm, write_sum = state.write_max, state.write_norm, state.write_sum
 
         # Lay the chunk out on the absolute segment grid: `offset` tokens of the first segment were in
         # earlier chunks (they live in the accumulators), the tail of the last segment is still to come.
