@@ -77,7 +77,7 @@ def scan_forward(
     """Forward scan: one pass over the chunks in time order, carrying the state."""
     B, T, D = x.shape
     work = compute_dtype(x.dtype)
-    h = torch.empty_like(x)
+    h = torch.full_like(x, float("nan"))  # poisoned: a step the loop missed cannot pass for a result
     buffers = _scratch(B, min(chunk, T), D, work, x.device)
     carry = h0.to(work) if h0 is not None else x.new_zeros(B, D, dtype=work)  # state before the chunk
     for start in range(0, T, chunk):
@@ -101,8 +101,8 @@ def scan_backward(
     """Backward scan: one pass over the chunks in reverse time order, carrying g."""
     B, T, D = log_a.shape
     work = compute_dtype(log_a.dtype)
-    grad_log_a = torch.empty_like(log_a)
-    grad_x = torch.empty_like(log_a)
+    grad_log_a = torch.full_like(log_a, float("nan"))  # poisoned, like the forward's output
+    grad_x = torch.full_like(log_a, float("nan"))
     buffers = _scratch(B, min(chunk, T), D, work, log_a.device)
     g_chunk = torch.empty(B, min(chunk, T), D, dtype=work, device=log_a.device)
     first_h_prev = h0.to(work)[:, None, :] if h0 is not None else h.new_zeros(B, 1, D, dtype=work)

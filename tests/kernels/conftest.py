@@ -1,0 +1,109 @@
+"""Fixtures for the scan tests: seeded random inputs and a comparison against the float64 reference."""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+from kernels.scan.reference import scan_reference
+
+DECAY_MODES = ("moderate", "strong", "weak", "mixed")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (the norm keeps tiny entries from dominating)."""
+    expected = expected.double()
+    diff = (actual.double() - expected).norm().item()
+    scale = expected.norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def make_log_a(shape, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Log decays in [-20, 0]: moderate (-1, 0], strong ~ -20, weak ~ 0 (some exactly 0), or a mix."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    moderate = -u
+    strong = -20.0 + 0.5 * u
+    weak = torch.where(u < 0.1, torch.zeros_like(u), -1e-4 * u)
+    if mode == "moderate":
+        return moderate
+    if mode == "strong":
+        return strong
+    if mode == "weak":
+        return weak
+    if mode == "mixed":
+        pick = torch.randint(0, 3, shape, generator=generator)
+        return torch.where(pick == 0, strong, torch.where(pick == 1, weak, moderate))
+    raise ValueError(f"unknown decay mode {mode!r}; choose one of {DECAY_MODES}")
+
+
+@dataclass
+class ScanCase:
+    """Inputs (in the dtype under test) and upstream gradients for one comparison."""
+
+    log_a: torch.Tensor  # [B, T, D]
+    x: torch.Tensor  # [B, T, D]
+    h0: torch.Tensor | None  # [B, D]
+    grad_h: torch.Tensor  # [B, T, D] float64
+    grad_h_last: torch.Tensor  # [B, D] float64
+
+
+@pytest.fixture
+def generator(request) -> torch.Generator:
+    """A generator seeded from the test's id: fresh inputs per test, reproducible per test."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def make_case(generator) -> Callable[..., ScanCase]:
+    def make(B, T, D, mode="moderate", with_h0=True, dtype=torch.float32, device="cpu") -> ScanCase:
+        log_a = make_log_a((B, T, D), mode, generator)
+        x = torch.randn(B, T, D, generator=generator, dtype=torch.float64)
+        h0 = torch.randn(B, D, generator=generator, dtype=torch.float64) if with_h0 else None
+        grad_h = torch.randn(B, T, D, generator=generator, dtype=torch.float64)
+        grad_h_last = torch.randn(B, D, generator=generator, dtype=torch.float64)
+
+        def prepare(t):
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        return ScanCase(prepare(log_a), prepare(x), prepare(h0), grad_h.to(device), grad_h_last.to(device))
+
+    return make
+
+
+@pytest.fixture
+def check_against_reference() -> Callable[..., dict[str, float]]:
+    """Run `scan_fn` and the float64 reference on the same inputs; assert every output and gradient.
+
+    Returns the relative errors by name so a test can add its own assertions.
+    """
+
+    def check(scan_fn, case: ScanCase, tolerance: float) -> dict[str, float]:
+        inputs = {"log_a": case.log_a, "x": case.x} | ({"h0": case.h0} if case.h0 is not None else {})
+        ours = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+        ref = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items()}
+
+        h, h_last = scan_fn(ours["log_a"], ours["x"], ours.get("h0"))
+        assert h.dtype == case.x.dtype and h_last.dtype == case.x.dtype
+        assert h.shape == case.x.shape and h_last.shape == (case.x.shape[0], case.x.shape[2])
+        loss = (h.double() * case.grad_h).sum() + (h_last.double() * case.grad_h_last).sum()
+        grads = torch.autograd.grad(loss, list(ours.values()))
+
+        h_ref, h_last_ref = scan_reference(ref["log_a"], ref["x"], ref.get("h0"))
+        loss_ref = (h_ref * case.grad_h).sum() + (h_last_ref * case.grad_h_last).sum()
+        grads_ref = torch.autograd.grad(loss_ref, list(ref.values()))
+
+        results = {"h": (h, h_ref), "h_last": (h_last, h_last_ref)}
+        results |= {f"d{name}": pair for name, pair in zip(ours, zip(grads, grads_ref))}
+        errors = {}
+        for name, (actual, expected) in results.items():
+            assert torch.isfinite(actual).all(), f"{name} has non-finite entries (an unwritten output stays NaN)"
+            assert actual.dtype == case.x.dtype, f"{name} is {actual.dtype}, expected {case.x.dtype}"
+            errors[name] = relative_error(actual, expected)
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= tolerance, f"relative errors {errors} exceed {tolerance} (worst: {worst})"
+        return errors
+
+    return check
