@@ -82,12 +82,18 @@ class PrometheusServer:
         return self.log_path.read_text(errors="replace")
 
 
-def start_prometheus(tmp_dir: Path, *, targets: list[str], rule_files: list[Path]) -> PrometheusServer:
+def start_prometheus(
+    tmp_dir: Path, *, targets: list[str], rule_files: list[Path], file_sd: list[Path] = ()
+) -> PrometheusServer:
+    """Scrapes `targets` (job mmrec) and the targets in Ray-style service-discovery files (job ray)."""
     port = free_port()
+    scrape_configs = [{"job_name": "mmrec", "static_configs": [{"targets": targets}]}]
+    if file_sd:
+        scrape_configs.append({"job_name": "ray", "file_sd_configs": [{"files": [str(p) for p in file_sd]}]})
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(path) for path in rule_files],
-        "scrape_configs": [{"job_name": "mmrec", "static_configs": [{"targets": targets}]}],
+        "scrape_configs": scrape_configs,
     }
     config_path = tmp_dir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))
