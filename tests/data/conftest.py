@@ -95,7 +95,9 @@ def ray_local():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": a fresh instance of our own, never a cluster another process started
+        # on this machine (ray.init() alone would join the latest one found in /tmp/ray).
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     if started:
         ray.shutdown()
