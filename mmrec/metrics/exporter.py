@@ -74,9 +74,12 @@ class _UnsetGauge:
     def __init__(self, family: Gauge, labels: dict[str, str]):
         self._family = family
         self._labels = labels
+        self._child: Gauge | None = None
 
     def set(self, value: float) -> None:
-        self._family.labels(**self._labels).set(value)
+        if self._child is None:  # labels() is a locked dict lookup: do it once
+            self._child = self._family.labels(**self._labels)
+        self._child.set(value)
 
 
 def _require_non_negative(**values: float) -> None:
@@ -190,6 +193,7 @@ class MetricsExporter:
         self._h_norm = Gauge(
             names.STATE_H_NORM, "L2 norm of the recurrent state h per layer.", [*labels, "layer"], registry=reg
         )
+        self._layer_gauges: dict[Gauge, list[_UnsetGauge]] = {}
         self._memory_norm = Gauge(
             names.STATE_MEMORY_NORM, "L2 norm of the long-term memory M per layer.", [*labels, "layer"], registry=reg
         )
@@ -267,9 +271,12 @@ class MetricsExporter:
             self._checkpoint_saved_at.set(time.time())
 
     def on_state_norms(self, *, h_norms: list[float], memory_norms: list[float]) -> None:
-        for gauge, norms in ((self._h_norm, h_norms), (self._memory_norm, memory_norms)):
-            for layer, norm in enumerate(norms):
-                gauge.labels(**self.worker_labels, layer=str(layer)).set(norm)
+        for family, norms in ((self._h_norm, h_norms), (self._memory_norm, memory_norms)):
+            children = self._layer_gauges.setdefault(family, [])
+            while len(children) < len(norms):
+                children.append(_UnsetGauge(family, {**self.worker_labels, "layer": str(len(children))}))
+            for child, norm in zip(children, norms):
+                child.set(norm)
 
     def on_restart(self) -> None:
         self._restarts.inc()
