@@ -143,6 +143,7 @@ class ChunkedScanFunction(torch.autograd.Function):
         return h, h_last.to(x.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, grad_h, grad_h_last):
         log_a, h, h0 = ctx.saved_tensors
         grad_log_a, grad_x, grad_h0 = scan_backward(log_a, h, h0, grad_h, grad_h_last, ctx.chunk)

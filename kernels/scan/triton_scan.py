@@ -267,6 +267,7 @@ class TritonScanFunction(torch.autograd.Function):
         return h, h_last
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, grad_h, grad_h_last):
         log_a, h, h0 = ctx.saved_tensors
         grad_log_a, grad_x, grad_h0 = scan_backward(
