@@ -7,8 +7,6 @@
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,13 +18,22 @@ from mmrec.model.memory import SegmentMemory
 from mmrec.model.state import BlockState
 
 
+def decay_gate(f: torch.Tensor, lo: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """gamma = lo + (1 - lo) sigmoid(f), returned as (log gamma, 1 - gamma).
+
+    1 - gamma = (1-lo) sigmoid(-f) is computed directly (no cancellation), and log gamma = log1p(-(1 - gamma))
+    is then exact to rounding exactly where it matters, gamma near 1 (the long-memory channels), and
+    never positive, so the scan cannot grow.
+    """
+    one_minus_gamma = (1.0 - lo) * torch.sigmoid(-f)
+    return torch.log1p(-one_minus_gamma), one_minus_gamma
+
+
 class MMRecBlock(nn.Module):
     def __init__(self, config: ModelConfig, decay_lo: float):
         super().__init__()
         D = config.d_model
         self.decay_lo = decay_lo
-        # log(lo) and log(1 - lo) are constants of the layer; kept as floats so they follow any dtype.
-        self.log_lo, self.log_one_minus_lo = math.log(decay_lo), math.log1p(-decay_lo)
         self.in_norm = RMSNorm(D, config.norm_eps)
         self.in_proj = nn.Linear(D, 4 * D, bias=False)  # z, f, g, o in one matmul
         self.memory = SegmentMemory(D, config.n_heads, config.memory_slots, config.segment_len, config.init_std)
@@ -40,11 +47,8 @@ class MMRecBlock(nn.Module):
         T = x.shape[1]
         z, f, g, o = self.in_proj(self.in_norm(x)).chunk(4, dim=-1)
         acc = accumulation_dtype(z)
-        f = f.to(acc)
-        # log gamma = log(lo + (1-lo) sigmoid f) = logaddexp(log lo, log(1-lo) + logsigmoid f): no exp overflow,
-        # no log of a rounded 1; and 1 - gamma = (1-lo) sigmoid(-f) without the cancellation of 1 - gamma.
-        log_gamma = torch.logaddexp(torch.full_like(f, self.log_lo), self.log_one_minus_lo + F.logsigmoid(f))
-        drive = (1.0 - self.decay_lo) * torch.sigmoid(-f) * torch.sigmoid(g.to(acc)) * z.to(acc)
+        log_gamma, one_minus_gamma = decay_gate(f.to(acc), self.decay_lo)  # [B, T, D] each
+        drive = one_minus_gamma * torch.sigmoid(g.to(acc)) * z.to(acc)
         h, h_last = kernels.scan(log_gamma, drive, None if state is None else state.h.to(acc))  # [B, T, D], [B, D]
         read, memory, write_max, write_norm, write_sum = self.memory(h, state)
         y = self.out_proj(((h + read) * F.silu(o.to(acc))).to(x.dtype))

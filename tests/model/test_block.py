@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mmrec.model import MMRecBlock
+from mmrec.model.block import decay_gate
 from mmrec.model.reference import block_reference
 
 
@@ -20,16 +21,16 @@ def test_block_matches_naive_reference(micro_config, T):
     assert state.position == T
 
 
-def test_log_decay_is_stable_at_extreme_gates(micro_config):
-    """log gamma must be finite and exact even where sigmoid(f) rounds to 0 or 1 in fp32."""
-    lo = 0.999
-    block = MMRecBlock(micro_config, decay_lo=lo)
-    f = torch.tensor([-200.0, -30.0, 0.0, 30.0, 200.0])
-    log_gamma = torch.logaddexp(torch.full_like(f, block.log_lo), block.log_one_minus_lo + torch.nn.functional.logsigmoid(f))
-    exact = [math.log(lo + (1 - lo) / (1 + math.exp(-v))) for v in f.double().tolist()]
-    assert torch.isfinite(log_gamma).all()
-    torch.testing.assert_close(log_gamma.double(), torch.tensor(exact, dtype=torch.float64), rtol=1e-6, atol=1e-9)
-    assert (log_gamma < 0).all()  # gamma < 1: the recurrence cannot blow up
+@pytest.mark.parametrize("lo", [0.05, 0.999])
+def test_decay_gate_is_exact_in_fp32_at_extreme_gates(lo):
+    """log gamma and 1 - gamma stay exact where sigmoid(f) rounds to 0 or 1 in fp32 (gamma near 1)."""
+    f = torch.tensor([-200.0, -30.0, -3.0, 0.0, 3.0, 30.0, 200.0])
+    log_gamma, one_minus_gamma = decay_gate(f, lo)
+    want_one_minus = [(1 - lo) / (1 + math.exp(v)) for v in f.double().tolist()]  # float64, exact to rounding
+    want_log = [math.log1p(-y) for y in want_one_minus]
+    torch.testing.assert_close(log_gamma.double(), torch.tensor(want_log, dtype=torch.float64), rtol=1e-6, atol=1e-30)
+    torch.testing.assert_close(one_minus_gamma.double(), torch.tensor(want_one_minus, dtype=torch.float64), rtol=1e-5, atol=1e-30)
+    assert (log_gamma <= 0).all() and (one_minus_gamma >= 0).all()  # gamma in (lo, 1): the recurrence cannot blow up
 
 
 def test_scan_state_stays_fp32_under_bf16_autocast(micro_config):
