@@ -58,12 +58,18 @@ def ray_instance():
 def test_prometheus_finds_ray_through_its_service_discovery_file(ray_instance, tmp_path):
     temp_dir, metrics_port = ray_instance
     discovery = temp_dir / "prom_metrics_service_discovery.json"
+
+    def targets() -> list[str]:
+        try:
+            return [t for group in json.loads(discovery.read_text()) for t in group["targets"]]
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or mid-write
+            return []
+
+    # Ray rewrites the file every few seconds; the node's metrics agent joins it once registered.
     deadline = time.monotonic() + 60
-    while not discovery.exists() and time.monotonic() < deadline:
+    while not any(t.endswith(f":{metrics_port}") for t in targets()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert discovery.exists(), "Ray wrote no service-discovery file"
-    targets = [t for group in json.loads(discovery.read_text()) for t in group["targets"]]
-    assert any(t.endswith(f":{metrics_port}") for t in targets), targets
+    assert any(t.endswith(f":{metrics_port}") for t in targets()), f"--metrics-export-port not listed: {targets()}"
 
     server = start_prometheus(tmp_path, targets=[], rule_files=[], file_sd=[discovery])
     try:
