@@ -151,6 +151,17 @@ def _write_shard(settings: storage.S3Settings, url: str, domain: str, split: str
 # Driver
 
 
+def _get(ray, ref):
+    """ray.get, but a user-fixable error raised inside a task (bad record, missing bucket) comes
+    back as itself, with its own message, instead of wrapped in the remote traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, (ValueError, storage.StorageError)):
+            raise exc.cause from None
+        raise
+
+
 def _wait_all(ray, refs: list, description: str, progress: bool) -> list:
     """ray.get in completion order with a progress bar; results in submission order."""
     from tqdm import tqdm
@@ -162,7 +173,7 @@ def _wait_all(ray, refs: list, description: str, progress: bool) -> list:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                results[index[ref]] = ray.get(ref)
+                results[index[ref]] = _get(ray, ref)
                 bar.update(1)
     return results
 
@@ -194,7 +205,7 @@ def _load_or_train_tokenizer(ray, config: PrepConfig, settings, partitions) -> b
     sample = ray.remote(_sample_partition)
     sample_refs = [sample.remote(settings, items, budget) for items in partitions]
     texts = _wait_all(ray, sample_refs, "tokenizer sample", config.progress)
-    model_bytes = ray.get(ray.remote(_train_tokenizer).remote(texts, config.vocab_size))
+    model_bytes = _get(ray, ray.remote(_train_tokenizer).remote(texts, config.vocab_size))
     storage.write_bytes(model_url, model_bytes)
     meta = {"sha256": shard_format.sha256_hex(model_bytes), "trained_with": wanted,
             "vocab_size": SentencePieceTokenizer(model_bytes).vocab_size}

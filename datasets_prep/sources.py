@@ -13,13 +13,13 @@ import dataclasses
 import gzip
 import json
 import os
-import re
 import sysconfig
 import zlib
 from typing import Iterator
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from datasets_prep import storage
+from datasets_prep.roff import strip_roff
 
 DOMAINS = ("text", "code")
 KINDS = ("dir", "jsonl", "demo", "man")
@@ -48,18 +48,32 @@ class SourceSpec:
 
 
 def parse_source(text: str) -> SourceSpec:
-    """Parse `KIND:LOCATION?k=v&k=v`; unknown keys are errors that name the key."""
+    """Parse `KIND:LOCATION?k=v&k=v`; unknown keys are errors that name the key.
+
+    Values are %-decoded but '+' stays '+', because it is common in file names (`*.c++`).
+    """
     head, _, query = text.partition("?")
     kind, _, location = head.partition(":")
-    if kind == "s3":  # a bare s3:// URL means a directory of text unless told otherwise
+    if kind == "s3":  # a bare s3:// URL is a dir: source (it still needs ?domain=)
         kind, location = "dir", head
-    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
     allowed = {"glob", "domain"} | ({"max_mb"} if kind == "demo" else set())
-    for key in options:
+    options: dict[str, str] = {}
+    for field in query.split("&") if query else []:
+        key, equals, value = field.partition("=")
+        if not equals:
+            raise ValueError(f"source {text!r}: {field!r} is not key=value; write e.g. "
+                             f"?glob=*.py&domain=code")
         if key not in allowed:
             raise ValueError(f"unknown key {key!r} in source {text!r}: allowed are {sorted(allowed)}")
+        options[key] = unquote(value)
     if "max_mb" in options:
-        options["max_mb"] = float(options["max_mb"])
+        try:
+            options["max_mb"] = float(options["max_mb"])
+        except ValueError:
+            raise ValueError(f"source {text!r}: max_mb must be a number of megabytes, got "
+                             f"{options['max_mb']!r}") from None
+    if kind == "demo" and location:
+        raise ValueError(f"source {text!r}: demo takes no location; write demo?max_mb=N")
     return SourceSpec(kind=kind, location=location, **options)
 
 
@@ -158,58 +172,49 @@ def partition(items: list[Item], partition_bytes: int) -> list[list[Item]]:
 # ---------------------------------------------------------------------------------------------
 # Reading items into documents
 
-_ROFF_ESCAPES = [
-    (re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""),  # font changes \fB \fI \fR \f(CW \f[B]
-    (re.compile(r"\\s[+-]?\d"), ""),  # size changes
-    (re.compile(r"\\\*?\((..)"), lambda m: {"em": "--", "en": "-", "aq": "'", "dq": '"',
-                                            "lq": '"', "rq": '"', "bu": "*", "co": "(c)",
-                                            "rg": "(R)", "mi": "-", "pl": "+", "ti": "~",
-                                            "ha": "^", "cq": "'", "oq": "'"}.get(m.group(1), "")),
-    (re.compile(r"\\\[[^\]]*\]"), ""),
-    (re.compile(r"\\[-]"), "-"),
-    (re.compile(r"\\[&|^%:]"), ""),
-    (re.compile(r"\\e"), "\\\\"),
-    (re.compile(r"\\ "), " "),
-]
-_ROFF_BREAKS = {"PP", "LP", "P", "TP", "IP", "br", "sp", "HP", "RS", "RE", "SS", "SH", "nf", "fi",
-                "EX", "EE", "in", "ti"}
-_ROFF_TEXT_MACROS = {"B", "I", "BI", "BR", "IB", "IR", "RB", "RI", "SM", "SB", "SH", "SS", "IP",
-                     "TP", "UR", "MT", "Nm", "Nd", "Op", "Ar", "Fl"}
-
-
-def strip_roff(source: str) -> str:
-    """Plain text of a man page: macros become line breaks or their argument text, escapes go."""
-    out: list[str] = []
-    for line in source.split("\n"):
-        if line.startswith(('.\\"', "'\\\"", '\\"')):
-            continue
-        if line.startswith((".", "'")):
-            name, _, args = line[1:].strip().partition(" ")
-            if name in _ROFF_TEXT_MACROS and args:
-                text = args.replace('"', "")
-                out.append(text.upper() if name == "SH" else text)
-            elif name in _ROFF_BREAKS:
-                out.append("")
-            continue
-        out.append(line)
-    text = "\n".join(out)
-    for pattern, replacement in _ROFF_ESCAPES:
-        text = pattern.sub(replacement, text)
-    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
-
-
 def _decode(raw: bytes, url: str) -> str | None:
     if url.endswith(".gz"):
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise ValueError(f"{url} is not a valid gzip file ({exc}): re-compress or remove "
+                             f"it") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return None  # not text we can round-trip exactly; counted as skipped by the caller
 
 
+def _jsonl_documents(text: str, item: Item) -> Iterator[Document]:
+    for line_number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{item.url}:{line_number}: not valid JSON ({exc}); fix the record or "
+                             f"drop the file") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{item.url}:{line_number}: expected a JSON object with a string "
+                             f"'text' field, got {line[:80]!r}; fix the record or drop the file")
+        domain = record.get("domain", item.domain or "text")
+        if domain not in DOMAINS:
+            raise ValueError(f"{item.url}:{line_number}: unknown domain {domain!r}: use one of "
+                             f"{DOMAINS}")
+        if record["text"]:
+            yield Document(record["text"], domain, f"{item.url}#{line_number}")
+
+
 def read_item(item: Item) -> Iterator[Document]:
-    """Documents of one item; files that are not UTF-8 text yield nothing."""
+    """Documents of one item. Plain files that are not UTF-8 text yield nothing (a glob may catch
+    binaries); a JSONL file that is not UTF-8 is an error, since it was named as a corpus."""
     text = _decode(storage.read_bytes(item.url), item.url)
+    if item.kind == "jsonl":
+        if text is None:
+            raise ValueError(f"{item.url} is not UTF-8 text: JSONL corpora must be UTF-8; "
+                             f"re-encode it (e.g. iconv -t utf-8) or narrow the glob")
+        yield from _jsonl_documents(text, item)
+        return
     if text is None or "\x00" in text:
         return
     if item.kind == "man":
@@ -219,21 +224,5 @@ def read_item(item: Item) -> Iterator[Document]:
     elif item.kind == "dir":
         if text.strip():
             yield Document(text, item.domain or "text", item.url)
-    elif item.kind == "jsonl":
-        for line_number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                body = record["text"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{item.url}:{line_number}: not a JSON object with a 'text' field "
-                                 f"({exc}); fix the record or drop the file") from None
-            domain = record.get("domain", item.domain or "text")
-            if domain not in DOMAINS:
-                raise ValueError(f"{item.url}:{line_number}: unknown domain {domain!r}: use one of "
-                                 f"{DOMAINS}")
-            if body:
-                yield Document(body, domain, f"{item.url}#{line_number}")
     else:
         raise ValueError(f"unknown item kind {item.kind!r}")
