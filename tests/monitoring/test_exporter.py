@@ -177,3 +177,18 @@ def test_gpu_memory_is_exported_once_cuda_is_in_use():
     v = samples(MetricsExporter(stage="stage1", expert="base", config=OFFLINE))
     assert one(v, names.GPU_ALLOCATED, device="0") >= block.numel()
     assert one(v, names.GPU_RESERVED, device="0") >= one(v, names.GPU_ALLOCATED, device="0")
+
+
+def test_metrics_package_imports_neither_ray_nor_the_model():
+    import ast
+    from pathlib import Path
+
+    import mmrec.metrics
+
+    forbidden = ("ray", "mmrec.model", "mmrec.train", "cluster", "torch")
+    for source in Path(mmrec.metrics.__file__).parent.glob("*.py"):
+        tree = ast.parse(source.read_text())
+        imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        bad = [m for m in imported if any(m == f or m.startswith(f + ".") for f in forbidden)]
+        assert not bad, f"{source.name} imports {bad}; the hooks take plain numbers"
