@@ -48,8 +48,8 @@ def main() -> None:
         grouped: dict[tuple[str, str], list[str]] = {}
         for doc in docs:
             grouped.setdefault((doc.domain, shard_format.split_of(doc.text, 0.01)), []).append(doc.text)
-        for group in grouped.values():
-            shard_format.pack(tokenizer.encode_many(group), tokenizer.eos_id, args.seq_len + 1, dtype)
+        for group in grouped.values():  # what each encode task of prepare() does
+            shard_format.pack_stream(tokenizer.encode_stream(group, dtype), args.seq_len + 1)
 
     raw = tokenizer._sp  # the bare SentencePieceProcessor: the baseline encodes the same documents
     prep_ours = n_tokens / _best_of(args.repeats, ours)

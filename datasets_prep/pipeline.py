@@ -117,9 +117,9 @@ def _encode_partition(settings: storage.S3Settings, model_bytes: bytes,
     stats["dropped_tokens"] = 0
     stats["document_tokens"] = 0
     for key in sorted(grouped):
-        token_lists = tokenizer.encode_many(grouped[key])
-        stats["document_tokens"] += sum(len(ids) for ids in token_lists)
-        packed, dropped = shard_format.pack(token_lists, tokenizer.eos_id, seq_len + 1, dtype)
+        stream = tokenizer.encode_stream(grouped[key], dtype)
+        stats["document_tokens"] += stream.size - len(grouped[key])  # minus one EOS per document
+        packed, dropped = shard_format.pack_stream(stream, seq_len + 1)
         samples[key] = packed
         counts[key] = len(packed)
         stats["dropped_tokens"] += dropped

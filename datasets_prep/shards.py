@@ -46,8 +46,14 @@ def pack(documents: list[list[int]], eos_id: int, sample_tokens: int,
         stream[cursor:cursor + len(doc)] = doc
         stream[cursor + len(doc)] = eos_id
         cursor += len(doc) + 1
-    n = total // sample_tokens
-    return stream[:n * sample_tokens].reshape(n, sample_tokens), total - n * sample_tokens
+    return pack_stream(stream, sample_tokens)
+
+
+def pack_stream(stream: np.ndarray, sample_tokens: int) -> tuple[np.ndarray, int]:
+    """Cut a stream of EOS-terminated documents [total] into samples [n, sample_tokens] (a view);
+    returns (samples, dropped_tokens) with the short tail dropped, as pack() does."""
+    n = stream.size // sample_tokens
+    return stream[:n * sample_tokens].reshape(n, sample_tokens), stream.size - n * sample_tokens
 
 
 def _member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 from typing import Iterable, Iterator
+
+import numpy as np
 
 from datasets_prep import storage
 
@@ -60,23 +63,40 @@ class SentencePieceTokenizer:
 
     def encode_many(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
         """Batch form of encode: one SentencePiece call for all lines of all texts."""
-        lines: list[str] = []
-        line_counts = []
-        for text in texts:
-            parts = text.split("\n")
-            lines.extend(parts)
-            line_counts.append(len(parts))
+        stream, starts = self._encode_with_separators(texts, -1, np.dtype(np.int64), num_threads)
+        return [stream[start:end - 1].tolist() for start, end in zip(starts[:-1], starts[1:])]
+
+    def encode_stream(self, texts: list[str], dtype: np.dtype, num_threads: int = 1) -> np.ndarray:
+        """All texts encoded into one array [sum(len(encode(t)) + 1)], each text followed by EOS:
+        the packing stream, built without a Python list per document."""
+        return self._encode_with_separators(texts, self.eos_id, dtype, num_threads)[0]
+
+    def _encode_with_separators(self, texts: list[str], end_id: int, dtype: np.dtype,
+                                num_threads: int) -> tuple[np.ndarray, np.ndarray]:
+        """(stream, starts): every line's ids followed by a separator, which is the newline id
+        inside a text and `end_id` after its last line; starts [len(texts) + 1] are offsets."""
+        if not texts:
+            return np.empty(0, dtype=dtype), np.zeros(1, dtype=np.int64)
+        lines_per_text = np.fromiter((text.count("\n") + 1 for text in texts), np.int64,
+                                     count=len(texts))
+        lines = "\n".join(texts).split("\n")  # same lines as splitting each text, one call
         encoded = self._sp.encode(lines, num_threads=num_threads)
-        out = []
-        cursor = 0
-        for count in line_counts:
-            ids = list(encoded[cursor])
-            for line_ids in encoded[cursor + 1:cursor + count]:
-                ids.append(self.newline_id)
-                ids.extend(line_ids)
-            cursor += count
-            out.append(ids)
-        return out
+        line_lengths = np.fromiter(map(len, encoded), np.int64, count=len(encoded))
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype,
+                           count=int(line_lengths.sum()))
+        # line i occupies [offset_i, offset_i + len_i) and its separator sits at offset_i + len_i
+        separator_at = np.cumsum(line_lengths + 1) - 1
+        stream = np.empty(flat.size + len(lines), dtype=dtype)
+        is_separator = np.zeros(stream.size, dtype=bool)
+        is_separator[separator_at] = True
+        stream[~is_separator] = flat
+        separators = np.full(len(lines), self.newline_id, dtype=dtype)
+        last_line = np.cumsum(lines_per_text) - 1
+        separators[last_line] = end_id
+        stream[separator_at] = separators
+        starts = np.zeros(len(texts) + 1, dtype=np.int64)
+        starts[1:] = separator_at[last_line] + 1
+        return stream, starts
 
     def decode(self, ids: Iterable[int]) -> str:
         lines: list[list[int]] = [[]]

@@ -1,11 +1,14 @@
 """The tokenizer gives real stdlib code back byte for byte, whitespace and unicode included."""
 from __future__ import annotations
 
+import random
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from datasets_prep.shards import pack, pack_stream, shard_bytes
 from datasets_prep.tokenizer import NEWLINE_PIECE, SentencePieceTokenizer, train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -84,3 +87,38 @@ def test_model_hash_is_checked_on_load(tokenizer, tmp_path):
 def test_too_small_vocab_is_a_clear_error():
     with pytest.raises(ValueError, match="vocab_size=100 is too small"):
         train_tokenizer(["x = 1\n"], vocab_size=100)
+
+
+# ---------------------------------------------------------------------------------------------
+# The packing stream: the array-building fast path against the plain per-document reference
+
+
+def _reference_stream(tokenizer: SentencePieceTokenizer, texts: list[str]) -> list[int]:
+    """What prep did before the fast path: encode each text alone, append EOS, join lists."""
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer.encode(text) + [tokenizer.eos_id]
+    return stream
+
+
+def test_encode_stream_and_pack_equal_the_per_document_reference(tokenizer):
+    rng = random.Random(1234)
+    stdlib_texts = [(STDLIB / name).read_text(encoding="utf-8")
+                    for name in ("textwrap.py", "this.py", "keyword.py", "colorsys.py")]
+    edge_cases = ["", "\n", "\n\n\n", "a", "ünï ✓ 🙂\r\n", "x\n", f"{NEWLINE_PIECE}\n\t 12"]
+    alphabet = "ab cd\n\t\r1234é🙂{}()"
+    random_texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 60)))
+                    for _ in range(40)]
+    texts = stdlib_texts + edge_cases + random_texts
+    rng.shuffle(texts)
+    expected = _reference_stream(tokenizer, texts)
+    for dtype in (np.dtype(np.uint16), np.dtype(np.int32)):
+        stream = tokenizer.encode_stream(texts, dtype)
+        assert stream.dtype == dtype and stream.tolist() == expected
+        fast, fast_dropped = pack_stream(stream, 33)
+        slow, slow_dropped = pack(tokenizer.encode_many(texts), tokenizer.eos_id, 33, dtype)
+        assert fast_dropped == slow_dropped == len(expected) % 33
+        assert shard_bytes(fast, "code", 7) == shard_bytes(slow, "code", 7)  # byte-identical shards
+    assert tokenizer.encode_many(texts) == [tokenizer.encode(text) for text in texts]
+    assert tokenizer.encode_stream([], np.dtype(np.uint16)).size == 0
+    assert tokenizer.encode_many([]) == []
