@@ -3,7 +3,7 @@
 code: Python standard-library modules; text: man pages (roff stripped crudely), license texts and
 package documentation. Selection is deterministic: files are ordered by a hash of their path, so the
 same machine always yields the same corpus, and the order is spread over packages rather than
-alphabetical. Every 20th document goes to the validation split.
+alphabetical. Every 10th document goes to the validation split.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-VAL_EVERY = 20
+VAL_EVERY = 10
 _ROFF_ESCAPE = re.compile(r"\\(?:f[BIRP1-9]|f\(..|\(..|\*.|s[-+]?\d|[-&|^e0 ])")
 _SKIPPED_CODE_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__"}
 
@@ -82,12 +82,17 @@ def build_smoke_corpus(max_bytes_per_domain: int = 1_500_000) -> dict[str, dict[
     corpus = {}
     for domain, documents in (("text", text_documents()), ("code", code_documents())):
         train, val, used = [], [], 0
-        for index, document in enumerate(documents):
+        for document in documents:
             size = len(document.encode("utf-8"))
             if used + size > max_bytes_per_domain:
-                break
-            (val if index % VAL_EVERY == VAL_EVERY - 1 else train).append(document)
+                if used >= 0.9 * max_bytes_per_domain:
+                    break
+                continue  # too big for what is left of the budget; a smaller document may fit
+            accepted = len(train) + len(val)
+            (val if accepted % VAL_EVERY == VAL_EVERY - 1 else train).append(document)
             used += size
+        if not val and len(train) >= 2:
+            val.append(train.pop())  # a small budget holds fewer than VAL_EVERY documents
         if used < max_bytes_per_domain // 10 or not val:
             raise RuntimeError(
                 f"smoke corpus: found only {used} bytes of {domain} on this machine (want ~{max_bytes_per_domain}); "
