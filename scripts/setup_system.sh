@@ -11,3 +11,5 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+# kubectl (for `kubectl kustomize` in the k8s tests): its own script knows where to get it.
+bash "$(dirname "$0")/k8s/install_kubectl.sh"
