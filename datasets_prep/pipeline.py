@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -93,9 +94,18 @@ def _sample_partition(settings: storage.S3Settings, items: list[source_lib.Item]
     return texts
 
 
-def _train_tokenizer(texts_per_partition: list[list[str]], vocab_size: int) -> bytes:
+def _train_tokenizer(texts_per_partition: list[list[str]], vocab_size: int,
+                     sources: tuple[str, ...]) -> bytes:
     texts = [text for texts in texts_per_partition for text in texts]
-    return train_tokenizer(texts, vocab_size, num_threads=1).model_bytes
+    if not any(text.strip() for text in texts):
+        raise ValueError(f"the sources {list(sources)} hold no UTF-8 text to train a tokenizer on "
+                         f"(empty or binary files only): check the paths and globs")
+    try:
+        return train_tokenizer(texts, vocab_size, num_threads=1).model_bytes
+    except RuntimeError as exc:  # SentencePiece reports bad settings as a bare RuntimeError
+        raise ValueError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on this "
+                         f"corpus: {str(exc).strip()}; try another vocab_size or more "
+                         f"tokenizer_sample_mb") from None
 
 
 def _encode_partition(settings: storage.S3Settings, model_bytes: bytes,
@@ -205,7 +215,14 @@ def _load_or_train_tokenizer(ray, config: PrepConfig, settings, partitions) -> b
     sample = ray.remote(_sample_partition)
     sample_refs = [sample.remote(settings, items, budget) for items in partitions]
     texts = _wait_all(ray, sample_refs, "tokenizer sample", config.progress)
-    model_bytes = _get(ray, ray.remote(_train_tokenizer).remote(texts, config.vocab_size))
+    model_bytes = _get(ray, ray.remote(_train_tokenizer).remote(texts, config.vocab_size,
+                                                               config.sources))
+    trained_size = SentencePieceTokenizer(model_bytes).vocab_size
+    if trained_size < config.vocab_size:
+        # Said out loud, not silently: the manifest carries the real size for the model config.
+        warnings.warn(f"the tokenizer sample supports only {trained_size} of the {config.vocab_size} "
+                      f"pieces asked for; using {trained_size} (raise tokenizer_sample_mb or add "
+                      f"data for more)", stacklevel=3)
     storage.write_bytes(model_url, model_bytes)
     meta = {"sha256": shard_format.sha256_hex(model_bytes), "trained_with": wanted,
             "vocab_size": SentencePieceTokenizer(model_bytes).vocab_size}
@@ -262,6 +279,10 @@ def run_prep(config: PrepConfig) -> str:
     sample_bytes = (config.seq_len + 1) * dtype.itemsize + _TAR_OVERHEAD_PER_SAMPLE
     samples_per_shard = max(1, int(config.shard_mb * 1024 * 1024) // sample_bytes)
     plan = plan_shards([info["counts"] for info in infos], samples_per_shard)
+    if not any(split == "train" for _, split, _, _ in plan):
+        tokens = sum(info["stats"]["document_tokens"] for info in infos)
+        raise ValueError(f"the corpus gives {tokens} tokens, not enough for one training sample of "
+                         f"seq_len + 1 = {config.seq_len + 1} tokens: add data or lower seq_len")
 
     write = ray.remote(_write_shard)
     names, write_refs, shard_numbers = [], [], {}

@@ -286,7 +286,15 @@ def check_writable_location(url: str) -> None:
             raise StorageError(f"bucket {bucket!r} does not exist at {endpoint}: create it first "
                                f"(e.g. `aws s3 mb s3://{bucket}`) or fix the URL {url}") from None
         return
-    os.makedirs(local_path(url), exist_ok=True)
+    path = local_path(url)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create the output directory {url} ({exc.strerror}): choose "
+                           f"a writable location") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StorageError(f"the output directory {url} is not writable by this user: fix its "
+                           f"permissions or choose another location")
 
 
 def list_files(url: str, pattern: str | None = None) -> list[str]:

@@ -1,0 +1,68 @@
+"""Bad input to prepare() stops early with a message that says what is wrong and what to do,
+and leaves no manifest behind that would describe a dataset which was never written."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from datasets_prep import StorageError, StorageNotFound, prepare
+from datasets_prep.manifest import load_manifest
+
+TINY = dict(vocab_size=300, seq_len=4, progress=False)
+
+
+def _corpus(root, files: dict[str, bytes]) -> str:
+    root.mkdir()
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return str(root)
+
+
+def test_missing_source_directory_is_named_before_any_work(tmp_path):
+    with pytest.raises(StorageNotFound, match=f"{tmp_path}/nope is not a file or directory"):
+        prepare(f"dir:{tmp_path}/nope?domain=code", out=str(tmp_path / "out"), **TINY)
+    assert not (tmp_path / "out" / "tokenizer.model").exists()
+
+
+def test_output_under_a_file_is_a_clear_storage_error(tmp_path):
+    corpus = _corpus(tmp_path / "in", {"a.py": b"x = 1\n"})
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(StorageError, match="cannot create the output directory .* choose a writable"):
+        prepare(f"dir:{corpus}?domain=code", out=str(tmp_path / "file" / "out"), **TINY)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only directories")
+def test_read_only_output_directory_is_refused(tmp_path):
+    corpus = _corpus(tmp_path / "in", {"a.py": b"x = 1\n"})
+    (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(StorageError, match="is not writable by this user"):
+        prepare(f"dir:{corpus}?domain=code", out=str(tmp_path / "ro"), **TINY)
+
+
+def test_corpus_of_binary_files_only_says_there_is_no_text(ray_local, tmp_path):
+    corpus = _corpus(tmp_path / "in", {"a.bin": bytes(range(256)), "b.bin": b"\xff\xfe\x00"})
+    with pytest.raises(ValueError, match=r"hold no UTF-8 text .* check the paths and globs"):
+        prepare(f"dir:{corpus}?domain=code", out=str(tmp_path / "out"), **TINY)
+
+
+def test_corpus_too_small_for_one_sample_writes_no_manifest(ray_local, tmp_path):
+    corpus = _corpus(tmp_path / "in", {"a.py": b"def f():\n    return 1\n" * 20})
+    with pytest.raises(ValueError, match=r"not enough for one training sample of seq_len \+ 1 = "
+                                         r"100001 tokens: add data or lower seq_len"):
+        prepare(f"dir:{corpus}?domain=code", out=str(tmp_path / "out"), vocab_size=300,
+                seq_len=100_000, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not list((tmp_path / "out").rglob("*.tar"))
+
+
+def test_vocab_larger_than_the_corpus_supports_warns_and_records_the_real_size(ray_local,
+                                                                               tmp_path):
+    text = "".join(f"def function_{i}(value):\n    return value * {i}\n\n" for i in range(200))
+    corpus = _corpus(tmp_path / "in", {"a.py": text.encode()})
+    with pytest.warns(UserWarning, match=r"supports only \d+ of the 20000 pieces asked for"):
+        manifest_url = prepare(f"dir:{corpus}?domain=code", out=str(tmp_path / "out"),
+                               vocab_size=20000, seq_len=8, progress=False)
+    manifest = load_manifest(manifest_url)
+    assert 260 < manifest.vocab_size < 20000  # byte pieces, specials and some merges
+    assert sum(s.samples for s in manifest.select("code", "train")) > 0
