@@ -13,8 +13,6 @@ from typing import Protocol, runtime_checkable
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    vocab_size: int
-
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
@@ -38,27 +36,13 @@ class ByteTokenizer:
         return path
 
 
-class SentencePieceTokenizer:
-    """Adapter of a SentencePiece model file to the Tokenizer protocol."""
-
-    def __init__(self, model_file: str | Path) -> None:
-        import sentencepiece  # imported here: only exports made by the data pipeline need it
-
-        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-        self.vocab_size = self.processor.get_piece_size()
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.processor.encode(text))
-
-    def decode(self, ids: list[int]) -> str:
-        return self.processor.decode([i for i in ids if 0 <= i < self.vocab_size])
-
-
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer stored in `directory` (an export directory)."""
     directory = Path(directory)
     if (directory / "tokenizer.model").is_file():
-        return SentencePieceTokenizer(directory / "tokenizer.model")
+        from mmrec.data import SentencePieceTokenizer  # the data pipeline's tokenizer (byte-exact for code)
+
+        return SentencePieceTokenizer((directory / "tokenizer.model").read_bytes())
     spec_path = directory / "tokenizer.json"
     if spec_path.is_file():
         spec = json.loads(spec_path.read_text())

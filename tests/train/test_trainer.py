@@ -166,3 +166,24 @@ def test_metrics_hooks_receive_steps_evals_checkpoints_and_norms(model_cfg, trai
     assert step["tokens"] == BATCH * SEQ_LEN and step["flops_per_token"] > 0 and math.isfinite(step["loss"])
     norms = next(kw for name, kw in calls if name == "on_state_norms")
     assert len(norms["h_norms"]) == model_cfg.n_layers and all(v > 0 for v in norms["h_norms"])
+
+
+def _one_step_grads(model_cfg, cfg, tokens, tmp_path):
+    setup = prepare_stage("stage1", model_cfg, cfg)
+    trainer = Trainer(setup, cfg, [], out_dir=tmp_path, log=lambda _: None)
+    stats = trainer.train_step(iter([dict(tokens=tokens, domains=["text"] * len(tokens))]))
+    return stats["loss"], {n: p.grad.clone() for n, p in setup.model.named_parameters()}, setup
+
+
+def test_bf16_autocast_and_activation_checkpointing_switches(model_cfg, train_cfg, tmp_path):
+    tokens = torch.randint(0, model_cfg.vocab_size, (BATCH, SEQ_LEN + 1), generator=torch.Generator().manual_seed(2))
+    loss32, grads32, _ = _one_step_grads(model_cfg, train_cfg, tokens, tmp_path / "a")
+    loss_ckpt, grads_ckpt, setup = _one_step_grads(
+        model_cfg, train_cfg.replace(activation_checkpointing=True), tokens, tmp_path / "b")
+    assert setup.model.gradient_checkpointing
+    assert loss_ckpt == loss32  # recomputation changes memory, not results
+    for name in grads32:
+        torch.testing.assert_close(grads_ckpt[name], grads32[name], rtol=1e-5, atol=1e-7, msg=name)
+    loss16, grads16, _ = _one_step_grads(model_cfg, train_cfg.replace(bf16=True), tokens, tmp_path / "c")
+    assert loss16 != loss32 and loss16 == pytest.approx(loss32, rel=2e-2)  # autocast was on, and sane
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads16.values())  # fp32 master grads
