@@ -128,7 +128,7 @@ class ChunkedScanFunction(torch.autograd.Function):
         h, h_last = scan_forward(log_a, x, h0, chunk)
         ctx.save_for_backward(log_a, h, h0)
         ctx.chunk = chunk
-        return h, h_last.to(x.dtype)
+        return h, h_last.to(x.dtype, copy=True)  # a copy: not a view pinning the last chunk's scratch
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the hand-written backward is not itself differentiable
@@ -145,4 +145,6 @@ def scan_cpu(
     chunk: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # h [B, T, D], h_last [B, D], both in x's dtype
     """The chunked scan, differentiable in log_a, x and h0. Inputs are validated by `kernels.scan`."""
+    if chunk < 1:
+        raise ValueError(f"scan_cpu: chunk must be a positive number of time steps, got {chunk}")
     return ChunkedScanFunction.apply(log_a, x, h0, chunk)
