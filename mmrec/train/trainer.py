@@ -110,7 +110,8 @@ class Trainer:
             raise ValueError(f"checkpoint {path} is from {state['stage']}, not {self.setup.stage}; use another out_dir")
         if state["model_config"] != self.setup.model_config.to_dict():
             raise ValueError(f"checkpoint {path} was trained with a different model config; use another out_dir")
-        changed = {k: (v, self.cfg.to_dict()[k]) for k, v in state["train_config"].items() if self.cfg.to_dict().get(k) != v}
+        current = self.cfg.to_dict()
+        changed = {k: (v, current.get(k)) for k, v in state["train_config"].items() if current.get(k) != v}
         if changed:
             warnings.warn(f"resuming {path} with changed TrainConfig values (old, new): {changed}", stacklevel=2)
         self.setup.model.load_state_dict(state["model"])
