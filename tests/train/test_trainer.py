@@ -187,3 +187,20 @@ def test_bf16_autocast_and_activation_checkpointing_switches(model_cfg, train_cf
     loss16, grads16, _ = _one_step_grads(model_cfg, train_cfg.replace(bf16=True), tokens, tmp_path / "c")
     assert loss16 != loss32 and loss16 == pytest.approx(loss32, rel=2e-2)  # autocast was on, and sane
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads16.values())  # fp32 master grads
+
+
+def test_trainer_feeds_the_real_metrics_exporter(model_cfg, train_cfg, streams, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mmrec.metrics import MetricsExporter
+    from mmrec.metrics.exporter import MetricsConfig
+
+    exporter = MetricsExporter(stage="stage1", expert="base", config=MetricsConfig(serve=False))
+    setup = prepare_stage("stage1", model_cfg, train_cfg)
+    train, val = streams()
+    result = Trainer(setup, train_cfg, train, val, out_dir=tmp_path, metrics=exporter, log=lambda _: None).fit()
+    samples = {s.name: s.value for f in text_string_to_metric_families(exporter.exposition().decode()) for s in f.samples}
+    assert samples["mmrec_train_step"] == 8
+    assert samples["mmrec_train_loss"] == pytest.approx(result.history[-1]["loss"])
+    assert samples["mmrec_tokens_total"] == 8 * BATCH * SEQ_LEN
+    assert samples["mmrec_validation_loss"] == pytest.approx(result.evals[-1][1].loss)
