@@ -53,6 +53,7 @@ class SentencePieceTokenizer:
         return tokenizer
 
     def encode(self, text: str) -> list[int]:
+        """One text, plainly: the reference that encode_stream/encode_many are tested against."""
         lines = text.split("\n")
         encoded = self._sp.encode(lines)
         ids: list[int] = list(encoded[0])
@@ -80,14 +81,23 @@ class SentencePieceTokenizer:
         lines_per_text = np.fromiter((text.count("\n") + 1 for text in texts), np.int64,
                                      count=len(texts))
         lines = "\n".join(texts).split("\n")  # same lines as splitting each text, one call
-        # Empty lines (a third of them in code) encode to nothing but each costs SentencePiece
-        # a full call's overhead, so only the others go in.
-        non_empty = np.fromiter(map(bool, lines), bool, count=len(lines))
-        encoded = self._sp.encode(list(filter(None, lines)), num_threads=num_threads)
-        line_lengths = np.zeros(len(lines), dtype=np.int64)
-        line_lengths[non_empty] = np.fromiter(map(len, encoded), np.int64, count=len(encoded))
-        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype,
-                           count=int(line_lengths.sum()))
+        # Per-line overhead dominates SentencePiece here, and code repeats lines (blank ones,
+        # "}", "return None"), so each distinct line is encoded once and its ids gathered back.
+        distinct: dict[str, int] = {}
+        line_to_distinct = np.fromiter((distinct.setdefault(line, len(distinct)) for line in lines),
+                                       np.int64, count=len(lines))
+        encoded = self._sp.encode(list(distinct), num_threads=num_threads)
+        distinct_lengths = np.fromiter(map(len, encoded), np.int64, count=len(encoded))
+        distinct_ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype,
+                                   count=int(distinct_lengths.sum()))
+        distinct_starts = np.cumsum(distinct_lengths) - distinct_lengths
+        line_lengths = distinct_lengths[line_to_distinct]  # [lines]
+        # flat [sum(line_lengths)]: every line's ids back to back; token j of line i comes from
+        # distinct_ids[distinct_starts[line_to_distinct[i]] + j]
+        line_starts = np.cumsum(line_lengths) - line_lengths
+        source = np.arange(int(line_lengths.sum())) + np.repeat(
+            distinct_starts[line_to_distinct] - line_starts, line_lengths)
+        flat = distinct_ids[source]
         # line i occupies [offset_i, offset_i + len_i) and its separator sits at offset_i + len_i
         separator_at = np.cumsum(line_lengths + 1) - 1
         stream = np.empty(flat.size + len(lines), dtype=dtype)
