@@ -37,7 +37,7 @@ class TrainResult:
     step: int  # optimizer steps completed, including those before a resume
     history: list[dict[str, float]] = field(default_factory=list)  # per step of this process: step, loss, lr, grad_norm
     evals: list[tuple[int, EvalResult]] = field(default_factory=list)
-    best: EvalResult | None = None
+    best: EvalResult | None = None  # lowest evaluation of this process (the best/ export may predate a resume)
     stopped_early: bool = False
     resumed_from: Path | None = None
     best_export: Path | None = None
@@ -258,8 +258,9 @@ class Trainer:
                     break
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
-        if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not result.stopped_early):
-            self.save_checkpoint()  # the final state, unless the loop just wrote it
+        loop_just_saved = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not result.stopped_early
+        if not loop_just_saved:
+            self.save_checkpoint()  # the final state
         if result.best_export is None and (self.out_dir / "best").is_dir():
             result.best_export = self.out_dir / "best"  # written before a resume
         result.final_export = self.export("final", self._eval_metrics(last_eval))
