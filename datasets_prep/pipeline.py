@@ -24,7 +24,7 @@ from datasets_prep import sources as source_lib
 from datasets_prep import storage
 from datasets_prep.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, \
     save_manifest
-from datasets_prep.tokenizer import SentencePieceTokenizer, train_tokenizer
+from datasets_prep.tokenizer import MIN_VOCAB_SIZE, SentencePieceTokenizer, train_tokenizer
 
 TOKENIZER_NAME = "tokenizer.model"
 TOKENIZER_META_NAME = "tokenizer.json"
@@ -49,6 +49,9 @@ class PrepConfig:
             raise ValueError("out must be a path or s3:// URL for the prepared dataset")
         if not self.sources:
             raise ValueError("give at least one source, e.g. 'demo' or 'dir:/data?domain=text'")
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"vocab_size={self.vocab_size} is too small: byte fallback alone "
+                             f"needs 260 pieces; use at least {MIN_VOCAB_SIZE}")
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -125,15 +128,17 @@ def _encode_partition(settings: storage.S3Settings, model_bytes: bytes,
             stats["documents"] += 1
     samples, counts = {}, {}
     stats["dropped_tokens"] = 0
+    train_tokens = 0  # with EOS; only for the error when no sample fills (not a manifest stat)
     stats["document_tokens"] = 0
     for key in sorted(grouped):
         stream = tokenizer.encode_stream(grouped[key], dtype)
         stats["document_tokens"] += stream.size - len(grouped[key])  # minus one EOS per document
+        train_tokens += stream.size if key[1] == "train" else 0
         packed, dropped = shard_format.pack_stream(stream, seq_len + 1)
         samples[key] = packed
         counts[key] = len(packed)
         stats["dropped_tokens"] += dropped
-    return {"counts": counts, "stats": stats}, samples
+    return {"counts": counts, "stats": stats, "train_tokens": train_tokens}, samples
 
 
 def _write_shard(settings: storage.S3Settings, url: str, domain: str, split: str,
@@ -209,8 +214,8 @@ def _load_or_train_tokenizer(ray, config: PrepConfig, settings, partitions) -> b
         if meta.get("trained_with") == wanted and \
                 shard_format.sha256_hex(model_bytes) == meta.get("sha256"):
             return model_bytes
-    except storage.StorageNotFound:
-        pass
+    except (storage.StorageNotFound, ValueError):
+        pass  # no usable earlier tokenizer (absent, or its metadata unreadable): train afresh
     budget = int(config.tokenizer_sample_mb * 1024 * 1024) // len(partitions) + 1
     sample = ray.remote(_sample_partition)
     sample_refs = [sample.remote(settings, items, budget) for items in partitions]
@@ -256,11 +261,26 @@ def plan_shards(counts: list[dict], samples_per_shard: int) -> list[tuple[str, s
     return plan
 
 
+def _expand_without_overlap(names: Sequence[str], specs) -> list[source_lib.Item]:
+    """Items of all sources; a file matched by two sources would be trained on twice, so that is
+    an error naming both sources rather than a silent duplicate."""
+    claimed: dict[str, str] = {}
+    items = []
+    for name, spec in zip(names, specs):
+        for item in source_lib.expand(spec):
+            if item.url in claimed:
+                raise ValueError(f"{item.url} is matched by two sources, {claimed[item.url]!r} and "
+                                 f"{name!r}: narrow their globs so each file is read once")
+            claimed[item.url] = name
+            items.append(item)
+    return items
+
+
 def run_prep(config: PrepConfig) -> str:
     specs = [source_lib.parse_source(spec) for spec in config.sources]
     storage.check_writable_location(config.out)
     settings = storage.S3Settings.from_env()
-    items = [item for spec in specs for item in source_lib.expand(spec)]
+    items = _expand_without_overlap(config.sources, specs)
     partitions = source_lib.partition(items, int(config.partition_mb * 1024 * 1024))
     ray = _connect_ray()
 
@@ -281,8 +301,12 @@ def run_prep(config: PrepConfig) -> str:
     plan = plan_shards([info["counts"] for info in infos], samples_per_shard)
     if not any(split == "train" for _, split, _, _ in plan):
         tokens = sum(info["stats"]["document_tokens"] for info in infos)
-        raise ValueError(f"the corpus gives {tokens} tokens, not enough for one training sample of "
-                         f"seq_len + 1 = {config.seq_len + 1} tokens: add data or lower seq_len")
+        train = sum(info["train_tokens"] for info in infos)
+        raise ValueError(f"no training sample: the corpus gives {tokens} tokens, {train} of them "
+                         f"(with EOS) in the train split, not enough for one sample of seq_len + 1 "
+                         f"= {config.seq_len + 1} tokens; add data or lower seq_len (documents go "
+                         f"to train/val by a hash of their text, so with few documents also lower "
+                         f"val_fraction, now {config.val_fraction})")
 
     write = ray.remote(_write_shard)
     names, write_refs, shard_numbers = [], [], {}

@@ -46,10 +46,18 @@ def test_corpus_of_binary_files_only_says_there_is_no_text(ray_local, tmp_path):
         prepare(f"dir:{corpus}?domain=code", out=str(tmp_path / "out"), **TINY)
 
 
+def test_single_document_that_hashes_to_val_explains_the_split(ray_local, tmp_path):
+    corpus = _corpus(tmp_path / "in", {"a.py": b"def f():\n    return 1\n" * 20})
+    with pytest.raises(ValueError, match=r"0 of them \(with EOS\) in the train split.* also lower "
+                                         r"val_fraction, now 0.999"):
+        prepare(f"dir:{corpus}?domain=code", out=str(tmp_path / "out"), vocab_size=300,
+                seq_len=4, val_fraction=0.999, progress=False)
+
+
 def test_corpus_too_small_for_one_sample_writes_no_manifest(ray_local, tmp_path):
     corpus = _corpus(tmp_path / "in", {"a.py": b"def f():\n    return 1\n" * 20})
-    with pytest.raises(ValueError, match=r"not enough for one training sample of seq_len \+ 1 = "
-                                         r"100001 tokens: add data or lower seq_len"):
+    with pytest.raises(ValueError, match=r"not enough for one sample of seq_len \+ 1 = "
+                                         r"100001 tokens; add data or lower seq_len"):
         prepare(f"dir:{corpus}?domain=code", out=str(tmp_path / "out"), vocab_size=300,
                 seq_len=100_000, progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -66,3 +74,30 @@ def test_vocab_larger_than_the_corpus_supports_warns_and_records_the_real_size(r
     manifest = load_manifest(manifest_url)
     assert 260 < manifest.vocab_size < 20000  # byte pieces, specials and some merges
     assert sum(s.samples for s in manifest.select("code", "train")) > 0
+
+
+def test_too_small_vocab_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size=100 is too small"):
+        prepare("demo", out=str(tmp_path / "out"), vocab_size=100, seq_len=4, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_matched_by_two_sources_is_an_error_not_a_duplicate(tmp_path):
+    corpus = _corpus(tmp_path / "in", {"a.py": b"x = 1\n", "b.md": b"# b\n"})
+    with pytest.raises(ValueError, match=rf"{corpus}/a.py is matched by two sources, "
+                                         rf"'dir:{corpus}\?glob=\*.py&domain=code' and "
+                                         rf"'dir:{corpus}\?domain=text'"):
+        prepare([f"dir:{corpus}?glob=*.py&domain=code", f"dir:{corpus}?domain=text"],
+                out=str(tmp_path / "out"), **TINY)
+
+
+def test_unreadable_tokenizer_metadata_means_retrain_not_a_json_traceback(ray_local, tmp_path):
+    text = "".join(f"def function_{i}(value):\n    return value * {i}\n\n" for i in range(100))
+    corpus = _corpus(tmp_path / "in", {"a.py": text.encode()})
+    out = tmp_path / "out"
+    options = dict(TINY, val_fraction=0.0)  # one document: keep it in train
+    first = load_manifest(prepare(f"dir:{corpus}?domain=code", out=str(out), **options))
+    (out / "tokenizer.json").write_text("{ truncated")
+    second = load_manifest(prepare(f"dir:{corpus}?domain=code", out=str(out), **options))
+    assert second.fingerprint == first.fingerprint  # same tokenizer retrained, same shards
+    assert (out / "tokenizer.json").read_text().startswith("{\n")
