@@ -3,6 +3,9 @@ and leaves no manifest behind that would describe a dataset which was never writ
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +104,14 @@ def test_unreadable_tokenizer_metadata_means_retrain_not_a_json_traceback(ray_lo
     second = load_manifest(prepare(f"dir:{corpus}?domain=code", out=str(out), **options))
     assert second.fingerprint == first.fingerprint  # same tokenizer retrained, same shards
     assert (out / "tokenizer.json").read_text().startswith("{\n")
+
+
+def test_cli_names_a_missing_source_without_a_traceback(tmp_path):
+    repo = Path(__file__).parents[2]
+    result = subprocess.run([sys.executable, "-m", "launchers.prep", "--source",
+                             f"dir:{tmp_path}/nope?domain=code", "--out", str(tmp_path / "out"),
+                             "--vocab-size", "300", "--no-progress"],
+                            cwd=repo, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"prep failed: {tmp_path}/nope is not a file or directory"
