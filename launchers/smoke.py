@@ -13,13 +13,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs/smoke", help="output directory (default: runs/smoke)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count (e.g. 0.1)")
-    parser.add_argument("--max-bytes-per-domain", type=int, default=1_500_000, help="corpus size per domain")
+    parser.add_argument("--max-mb", type=float, default=3.0, help="corpus size in MB, half code, half prose")
     args = parser.parse_args(argv)
     if args.steps_scale <= 0:
         parser.error("--steps-scale must be > 0")
     started = time.perf_counter()
     try:
-        run_smoke(args.out, steps_scale=args.steps_scale, max_bytes_per_domain=args.max_bytes_per_domain)
+        run_smoke(args.out, steps_scale=args.steps_scale, max_mb=args.max_mb)
     except SmokeCheckError as error:
         print(f"smoke: FAILED: {error}", file=sys.stderr)
         return 1

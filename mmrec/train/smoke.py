@@ -45,7 +45,8 @@ def run_smoke(
     out_dir: str | Path = "runs/smoke",
     *,
     steps_scale: float = 1.0,
-    max_bytes_per_domain: int = 1_500_000,
+    max_mb: float = 3.0,
+    val_fraction: float = 0.05,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> dict:
     """Run the whole pipeline from scratch in out_dir; returns the validation losses it printed."""
@@ -55,10 +56,10 @@ def run_smoke(
     for stage in BASE_STEPS:  # a smoke run always starts from scratch
         shutil.rmtree(out / stage, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"smoke: building the corpus (<= {max_bytes_per_domain:,} bytes per domain) ...")
+    log(f"smoke: building a {max_mb} MB corpus from files on this machine ...")
     tokenizer = ByteTokenizer()
     tokenizer_file = tokenizer.save(out)
-    corpus = build_smoke_corpus(max_bytes_per_domain)
+    corpus = build_smoke_corpus(max_mb, val_fraction)
     ids = {
         domain: {split: np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) for split, text in splits.items()}
         for domain, splits in corpus.items()

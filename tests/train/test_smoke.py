@@ -12,7 +12,7 @@ from mmrec.train.smoke import run_smoke
 @pytest.mark.slow
 def test_smoke_pipeline_runs_all_stages_and_checks_experts(tmp_path):
     lines = []
-    summary = run_smoke(tmp_path, steps_scale=0.03, max_bytes_per_domain=300_000, log=lines.append)
+    summary = run_smoke(tmp_path, steps_scale=0.03, max_mb=0.6, val_fraction=0.1, log=lines.append)
     for domain in ("text", "code"):
         assert summary[f"stage2-{domain}"] < summary[f"base-{domain}"]  # run_smoke raises otherwise, too
     assert all(math.isfinite(v) for v in summary.values())
