@@ -11,6 +11,7 @@ stage-2 expert must have a lower loss than the base on its own domain, else Pipe
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import socket
@@ -24,6 +25,8 @@ from cluster import checkpoints
 from cluster.config import load_job_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_WORKER_PREFIX = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\) ")
 
 
 class PipelineCheckFailed(RuntimeError):
@@ -147,17 +150,21 @@ class JobRunner:
         from ray.job_submission import JobStatus
 
         printed = {name: 0 for name in jobs}
+        last_echo = {name: "" for name in jobs}
         pending = dict(jobs)
         while pending:
             time.sleep(2)
             for name, job_id in list(pending.items()):
+                status = self.client.get_job_status(job_id)  # before the logs, so a finished job's logs are complete
                 text = self.client.get_job_logs(job_id)
                 lines = text.splitlines()
                 for line in lines[printed[name]:]:
-                    if "[stage" in line or "[pipeline" in line or "Error" in line:
-                        print(f"  {name} | {line.split(' | ', 1)[-1] if line.startswith('(') else line}", flush=True)
+                    # Worker lines arrive as "(RayTrainWorker pid=N) [stage1] ...", coloured, sometimes twice.
+                    line = _WORKER_PREFIX.sub("", _ANSI.sub("", line))
+                    if ("[stage" in line or "Error" in line) and line != last_echo[name]:
+                        print(f"  {name} | {line}", flush=True)
+                        last_echo[name] = line
                 printed[name] = len(lines)
-                status = self.client.get_job_status(job_id)
                 if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
                     (self.logs / f"{name}.log").write_text(text)
                     del pending[name]

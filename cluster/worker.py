@@ -319,7 +319,8 @@ class StageWorker:
             data_wait_seconds=data_wait, forward_backward_seconds=forward_backward,
             optimizer_seconds=0.0,  # DeepSpeed steps inside engine.step(); its time is in forward_backward
         )
-        entry = {k: stats[k] for k in ("step", "loss", "lr", "grad_norm")}
+        entry = {k: stats[k] for k in ("step", "loss", "lr", "grad_norm", "step_seconds")}
+        entry["finished_at"] = time.time()  # wall clock, for restart-time measurements across processes
         if self.job.run.record_sample_digests:
             gathered: list[list[int] | None] = [None] * self.world_size
             dist.all_gather_object(gathered, digests)

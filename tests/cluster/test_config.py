@@ -89,10 +89,11 @@ def test_deepspeed_config_follows_ours():
 
 
 def test_elastic_resize_keeps_the_global_batch():
-    job = _job(train={"micro_batch_size": 4, "grad_accum_steps": 1}, scaling={"num_workers": 4, "min_workers": 2})
-    for world, accum in ((4, 1), (2, 2)):
+    # Ray may pick any size in min..max, so every one of them must divide the global batch.
+    job = _job(train={"micro_batch_size": 2, "grad_accum_steps": 3}, scaling={"num_workers": 4, "min_workers": 2})
+    for world, accum in ((4, 3), (3, 4), (2, 6)):
         ds = build_deepspeed_config(job, world_size=world)
-        assert ds["gradient_accumulation_steps"] == accum and ds["train_batch_size"] == 16
+        assert ds["gradient_accumulation_steps"] == accum and ds["train_batch_size"] == 24
     with pytest.raises(ConfigError, match="not divisible"):
         _job(train={"micro_batch_size": 4}, scaling={"num_workers": 4, "min_workers": 3})
 
