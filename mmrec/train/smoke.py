@@ -23,8 +23,8 @@ from mmrec.train.stages import prepare_stage
 from mmrec.train.token_stream import TokenStream
 from mmrec.train.trainer import Trainer
 
-SEQ_LEN, MICRO_BATCH, EVAL_BATCHES = 128, 8, 4
-BASE_STEPS = {"stage1": 150, "stage2-text": 60, "stage2-code": 60, "stage3": 40}
+SEQ_LEN, MICRO_BATCH, EVAL_BATCHES = 128, 8, 8
+BASE_STEPS = {"stage1": 600, "stage2-text": 200, "stage2-code": 200, "stage3": 200}
 PEAK_LR = {"stage1": 3e-3, "stage2-text": 1e-3, "stage2-code": 1e-3, "stage3": 3e-3}
 
 
