@@ -4,7 +4,7 @@ Two rows, each ours vs a baseline in the same run:
   train step   Trainer.train_step (shape checks, NaN check, clipping, timers, schedule) vs a hand-written
                forward/backward/AdamW step on the same model, batch and initial weights
   checkpoint   save_checkpoint (temp dir, fsync, sha256, rename, latest pointer) vs one plain torch.save
-Median of several repetitions; noisy on a loaded machine.
+Medians of repetitions taken in turns (ours, baseline, ours, ...); still noisy on a loaded machine.
 """
 from __future__ import annotations
 
@@ -24,14 +24,16 @@ from mmrec.train.token_stream import TokenStream
 from mmrec.train.trainer import Trainer
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, autograd graph caches
-    times = []
+def _median_seconds(ours, baseline, repeats: int) -> tuple[float, float]:
+    """Medians of `ours` and `baseline`, run in turns so that changing machine load hits both alike."""
+    ours(), baseline()  # warm-up: allocator, autograd graph caches
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in ((ours, times[0]), (baseline, times[1])):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
     cfg = TrainConfig(lr=1e-3, warmup_steps=0, max_steps=10_000, seq_len=args.seq_len, micro_batch_size=args.batch)
     tokens = torch.randint(0, 256, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
@@ -49,8 +51,6 @@ def main(argv: list[str] | None = None) -> None:
         setup = prepare_stage("stage1", args.model, cfg)
         loader = TokenStream({"text": tokens.flatten().numpy()}, seq_len=args.seq_len, local_batch=args.batch)
         trainer = Trainer(setup, cfg, loader, out_dir=tmp, log=lambda _: None)
-        ours_step = _median_seconds(lambda: trainer.train_step(iter([batch])), args.repeats)
-
         bare = prepare_stage("stage1", args.model, cfg).model
         optimizer = torch.optim.AdamW(bare.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
@@ -60,12 +60,15 @@ def main(argv: list[str] | None = None) -> None:
             loss.backward()
             optimizer.step()
 
-        base_step = _median_seconds(bare_step, args.repeats)
+        ours_step, base_step = _median_seconds(lambda: trainer.train_step(iter([batch])), bare_step, args.repeats)
 
         state = trainer._checkpoint_state()
         steps = iter(range(1, 10_000))
-        ours_ckpt = _median_seconds(lambda: save_checkpoint(Path(tmp) / "ckpt", next(steps), state), args.repeats)
-        base_ckpt = _median_seconds(lambda: torch.save(state, Path(tmp) / "plain.pt"), args.repeats)
+        ours_ckpt, base_ckpt = _median_seconds(
+            lambda: save_checkpoint(Path(tmp) / "ckpt", next(steps), state),
+            lambda: torch.save(state, Path(tmp) / "plain.pt"),
+            args.repeats,
+        )
 
     tokens_per_step = args.batch * args.seq_len
     print(f"model={args.model} batch={args.batch} seq_len={args.seq_len} repeats={args.repeats} (median)")
