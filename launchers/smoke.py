@@ -10,7 +10,7 @@ from mmrec.train.smoke import SmokeCheckError, run_smoke
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__)
     parser.add_argument("--out", default="runs/smoke", help="output directory (default: runs/smoke)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count (e.g. 0.1)")
     parser.add_argument("--max-mb", type=float, default=3.0, help="corpus size in MB, half code, half prose")
