@@ -21,7 +21,9 @@ STAGE_DOMAINS = {"stage1": ("text", "code"), "stage2-text": ("text",), "stage2-c
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--stage", choices=STAGES, required=True)
     parser.add_argument("--data", required=True, help="manifest.json of a prepared dataset (path or s3://)")
     parser.add_argument("--out", required=True, help="run directory (checkpoints/, best/, final/)")
