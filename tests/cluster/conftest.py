@@ -89,3 +89,43 @@ def make_job(manifest: str, storage: Path, stage: str = "stage1", **sections) ->
     for section, changes in sections.items():
         values[section] = {**values.get(section, {}), **changes} if isinstance(changes, dict) else changes
     return JobConfig.from_dict(values)
+
+
+@pytest.fixture(scope="session")
+def s3_storage(tmp_path_factory):
+    """A real S3 server (`rclone serve s3` over a local directory), stopped by PID; sets AWS_* for the session.
+
+    Yields (storage URL, the directory the bucket lives in).
+    """
+    root = tmp_path_factory.mktemp("s3")
+    (root / "runs").mkdir()
+    port, key, secret = _free_port(), "cluster-test", "cluster-test-secret-0123456789"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("rclone")), "serve", "s3", "--auth-key", f"{key},{secret}",
+         "--addr", f"127.0.0.1:{port}", "--config", "/dev/null", str(root)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("rclone serve s3 did not start")
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield "s3://runs/cluster", root / "runs" / "cluster"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        os.kill(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
