@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {args.model}, seq_len {args.seq_len}, global batch {base_job.global_batch_size}, {args.steps} steps, "
           f"{os.cpu_count()} CPUs; step time = median after 2 warm-up steps", flush=True)
     rows = [("single process, torch AdamW (no Ray, no DeepSpeed)", 1, single_process(manifest, base_job, args.steps))]
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)  # our own instance, never a cluster found in /tmp/ray
     try:
         for label, name, zero in (
             ("2 workers, ZeRO-2", "zero2", {"stage": 2}),

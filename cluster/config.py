@@ -75,7 +75,6 @@ class FaultTolerance:
     step_timeout_s: float = 600.0  # a training step slower than this fails the attempt (hang watchdog)
     nan_max_rollbacks: int = 3  # NaN/Inf loss rollbacks before the run fails
     nan_lr_factor: float = 0.5  # the lr is multiplied by this on every rollback
-    keep_checkpoints: int = 3  # Ray Train keeps this many (>= 2 so a broken latest can fall back)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_failures, int) or self.max_failures < -1:
@@ -86,8 +85,6 @@ class FaultTolerance:
             raise ConfigError(f"fault_tolerance.nan_max_rollbacks={self.nan_max_rollbacks!r}: must be an integer >= 0")
         if not 0 < self.nan_lr_factor < 1:
             raise ConfigError(f"fault_tolerance.nan_lr_factor={self.nan_lr_factor!r}: must be in (0, 1)")
-        if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 2:
-            raise ConfigError(f"fault_tolerance.keep_checkpoints={self.keep_checkpoints!r}: must be >= 2 so a broken latest can fall back")
 
 
 @dataclass(frozen=True)
@@ -170,6 +167,11 @@ class JobConfig:
         if "seq_len" in self.model_overrides:
             raise ConfigError("model_overrides.seq_len: the model's training length is train.seq_len; set that instead")
         self.model_config()  # raises on unknown model names and keys
+        if self.train.early_stopping_patience:
+            raise ConfigError(
+                "train.early_stopping_patience is not supported by distributed stages (every rank would have to agree "
+                "to stop); set it to 0 and choose train.max_steps, or use launchers.train_local"
+            )
         if self.scaling.elastic:
             for workers in range(self.scaling.min_workers, self.scaling.num_workers + 1):
                 self.grad_accum_steps_for(workers)  # every admissible size must keep the global batch

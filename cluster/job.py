@@ -69,7 +69,7 @@ def run_stage(job: JobConfig) -> StageResult:
             storage_path=root,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=job.fault_tolerance.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.fault_tolerance.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
         ),
     )
