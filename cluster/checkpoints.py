@@ -22,6 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -142,3 +145,23 @@ def find_resume_point(storage_url: str, run_name: str, *, download_to: str | Pat
             f"no complete checkpoint under {storage_url}/{run_name}; use another run name to start over:\n  " + "\n  ".join(problems)
         )
     return None
+
+
+def to_universal(resume: ResumePoint, out: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format, which loads at any world size.
+
+    A ZeRO checkpoint holds one optimizer partition per rank and loads only at the world size that
+    wrote it; an elastic restart with fewer or more workers goes through this conversion (the
+    checkpoint carries `universal_checkpoint_info` for it). Returns the directory to load from with
+    the "checkpoint.load_universal" DeepSpeed option.
+    """
+    tag = resume.info["tag"]
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+         str(resume.directory / DEEPSPEED_DIR / tag), "--output_folder", str(out / tag),
+         "--num_extract_workers", "1", "--num_merge_workers", "1"],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    (out / "latest_universal").write_text(tag)
+    return out

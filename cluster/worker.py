@@ -17,10 +17,8 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import secrets
 import shutil
-import signal
 import tempfile
 import time
 from collections import Counter
@@ -33,16 +31,14 @@ import torch.distributed as dist
 from cluster import checkpoints, storage
 from cluster.config import JobConfig
 from cluster.deepspeed_config import build_deepspeed_config
+from cluster.faults import hash_sample, inject_step_faults
 from cluster.watchdog import StepWatchdog
-from mmrec.train import NonFiniteLossError, build_param_groups, build_scheduler, evaluate, export_weights, lm_loss, prepare_stage
+from cluster.weights import export_stage, full_fp32_state, restore_frozen
+from mmrec.train import NonFiniteLossError, build_param_groups, build_scheduler, evaluate, lm_loss, prepare_stage
 from mmrec.train.checkpoint import capture_rng_state, restore_rng_state
 
 EXPERT_LABEL = {"stage1": "base", "stage2-text": "text", "stage2-code": "code", "stage3": "fusion"}
 STAGE_DOMAINS = {"stage1": ("text", "code"), "stage2-text": ("text",), "stage2-code": ("code",), "stage3": ("text", "code")}
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the fault hook (config `fault.fail_at_step`); never by real training."""
 
 
 class _NonFinite(Exception):
@@ -163,8 +159,10 @@ class StageWorker:
     def build(self, resume: checkpoints.ResumePoint | None) -> None:
         import deepspeed
 
-        self.engine = self.setup = None
-        gc.collect()
+        if self.loader is not None:
+            self.loader.close()
+        self.engine = self.setup = self.loader = None
+        gc.collect()  # a rollback drops the old engine before building the next one
         info = resume.info if resume else None
         if info is not None:
             if info["stage"] != self.job.stage:
@@ -183,7 +181,8 @@ class StageWorker:
             optimizer = torch.optim.AdamW(groups, lr=scaled.lr, betas=tuple(self.cfg.betas), weight_decay=self.cfg.weight_decay)
         universal = None
         if info is not None and info["world_size"] != self.world_size and info["zero_stage"] > 0:
-            universal = self._convert_to_universal(resume)
+            self.log(f"world size changed {info['world_size']} -> {self.world_size}: loading through a universal checkpoint")
+            universal = checkpoints.to_universal(resume, self.scratch / "universal")
         ds_config = build_deepspeed_config(self.job, self.world_size, load_universal=universal is not None)
         engine, _, _, _ = deepspeed.initialize(
             model=setup.model, optimizer=optimizer, config=ds_config,
@@ -197,7 +196,8 @@ class StageWorker:
             path, _ = engine.load_checkpoint(str(load_dir), tag=info["tag"], load_module_strict=False)
             if path is None:
                 raise checkpoints.CheckpointIncomplete(f"DeepSpeed found no checkpoint {info['tag']} in {load_dir}")
-            self._restore_frozen(resume.directory / checkpoints.FROZEN_FILE)
+            if self.frozen:
+                self._restore_frozen(resume.directory / checkpoints.FROZEN_FILE)
             self._reset_lr_schedule()
             self.step = int(info["step"])
             self.history = json.loads((resume.directory / checkpoints.HISTORY_FILE).read_text())
@@ -209,40 +209,14 @@ class StageWorker:
             self.loader.load_state_dict(info["data"])
         self.setup.train_mode()
 
-    def _convert_to_universal(self, resume: checkpoints.ResumePoint) -> Path:
-        """A ZeRO checkpoint loads only at its own world size: convert it for an elastic resize."""
-        import subprocess
-        import sys
-
-        tag = resume.info["tag"]
-        out = self.scratch / f"universal-{tag}"
-        shutil.rmtree(out, ignore_errors=True)
-        self.log(f"world size changed {resume.info['world_size']} -> {self.world_size}: converting {tag} to a universal checkpoint")
-        subprocess.run(
-            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-             str(resume.directory / checkpoints.DEEPSPEED_DIR / tag), "--output_folder", str(out / tag),
-             "--num_extract_workers", "1", "--num_merge_workers", "1"],
-            check=True, stdout=subprocess.DEVNULL,
-        )
-        (out / "latest_universal").write_text(tag)
-        return out
-
     def _restore_frozen(self, path: Path) -> None:
-        """Put back the exact frozen weights (DeepSpeed may have dropped or re-cast them on load)."""
-        if not self.frozen:
-            return
         from safetensors.torch import load_file
 
         saved = load_file(str(path))
         if set(saved) != set(self.frozen):
-            raise checkpoints.CheckpointIncomplete(f"{path} holds frozen parameters {sorted(saved)[:3]}..., expected {sorted(self.frozen)[:3]}...")
+            raise checkpoints.CheckpointIncomplete(f"{path} does not hold the frozen parameters of {self.job.stage}")
         self.frozen = saved
-        params = [p for n, p in self.engine.module.named_parameters() if n in saved]
-        names = [n for n, p in self.engine.module.named_parameters() if n in saved]
-        with _gathered(params, self.job.zero.stage):
-            if self.rank == 0 or self.job.zero.stage < 3:
-                for name, param in zip(names, params):
-                    param.data.copy_(saved[name].to(param.dtype))
+        restore_frozen(self.engine.module, saved, zero_stage=self.job.zero.stage, rank=self.rank)
 
     def _reset_lr_schedule(self) -> None:
         """The loaded scheduler state carries the peak lr it was saved with; apply this attempt's lr scale."""
@@ -254,25 +228,6 @@ class StageWorker:
 
     # ---- one optimizer step ----
 
-    def _inject_step_faults(self, step: int) -> None:
-        fault = self.job.fault
-        if self.rank != self.fault_rank or not fault.any_step_fault:
-            return
-        for kind, at in (("fail", fault.fail_at_step), ("kill", fault.kill_at_step), ("hang", fault.hang_at_step)):
-            if at != step:
-                continue
-            fs, root = storage.filesystem_for(self.storage_url)
-            marker = storage.join(root, self.job.run_name, "injected_faults", f"{kind}-step{step}")
-            if storage.exists(fs, marker):
-                continue  # fired on an earlier attempt: the fault hook fires on the first attempt only
-            storage.write_text(fs, marker, f"rank {self.rank} attempt {self.attempt_id}\n")
-            print(f"[{self.job.stage}] fault hook: injecting '{kind}' on rank {self.rank} at step {step}", flush=True)
-            if kind == "fail":
-                raise InjectedFault(f"fault.fail_at_step={step}: injected failure on rank {self.rank}")
-            if kind == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(10**9)
-
     def _all_finite(self, value: torch.Tensor) -> bool:
         bad = torch.tensor([0.0 if bool(torch.isfinite(value).all()) else 1.0], device=self.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -280,7 +235,7 @@ class StageWorker:
 
     def train_step(self, data) -> dict[str, Any]:
         step, started = self.step + 1, time.perf_counter()
-        self._inject_step_faults(step)
+        inject_step_faults(self.job, rank=self.rank, fault_rank=self.fault_rank, step=step, attempt_id=self.attempt_id)
         data_wait = forward_backward = 0.0
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         digests: list[int] = []
@@ -348,42 +303,6 @@ class StageWorker:
         self.log(f"eval step {self.step} | val_loss {result.loss:.4f} | ppl {result.perplexity:.2f} | acc {result.accuracy:.3f}")
         return dict(val_loss=result.loss, val_perplexity=result.perplexity, val_accuracy=result.accuracy)
 
-    def _full_fp32_state(self) -> dict[str, torch.Tensor]:
-        """Every parameter as full fp32 (a collective under ZeRO); only rank 0 keeps the result."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        state = {}
-        for name, param in self.engine.module.named_parameters():
-            if name in self.frozen:
-                value = self.frozen[name]
-            else:
-                value = safe_get_full_fp32_param(param) if self.job.zero.stage > 0 or self.cfg.bf16 else None
-                if value is None:
-                    value = param.detach()
-            if self.rank == 0:
-                state[name] = value.detach().float().cpu().clone()
-        for name, buffer in self.engine.module.named_buffers():
-            if self.rank == 0:
-                state[name] = buffer.detach().float().cpu().clone()
-        return state
-
-    def _export(self, directory: Path, metrics: dict[str, float]) -> None:
-        state = self._full_fp32_state()
-        if self.rank != 0:
-            return
-        from mmrec import build_base, build_model
-
-        model_cfg = self.setup.model_config
-        fresh = build_base(model_cfg) if self.job.stage == "stage1" else build_model(model_cfg)
-        with torch.no_grad():
-            for name, tensor in list(fresh.named_parameters()) + list(fresh.named_buffers()):
-                tensor.copy_(state[name])
-        prefix = next(name for name, module in self.setup.model.named_modules() if module is self.setup.export_module)
-        export_weights(
-            directory, fresh.get_submodule(prefix) if prefix else fresh, kind=self.setup.export_kind,
-            model_config=model_cfg, stage=self.job.stage, step=self.step, metrics=metrics, tokenizer_file=self.tokenizer_file,
-        )
-
     def save_and_report(self, metrics: dict[str, float]) -> None:
         import ray.train
 
@@ -395,7 +314,10 @@ class StageWorker:
             str(local / checkpoints.DEEPSPEED_DIR), tag=tag,
             client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}},
         )
-        self._export(local / checkpoints.EXPORT_DIR, metrics)
+        state = full_fp32_state(self.engine.module, self.frozen, zero_stage=self.job.zero.stage, bf16=self.cfg.bf16, rank=self.rank)
+        if self.rank == 0:
+            export_stage(local / checkpoints.EXPORT_DIR, self.setup, state, step=self.step, metrics=metrics,
+                         tokenizer_file=self.tokenizer_file)
         (local / checkpoints.RNG_DIR).mkdir(parents=True, exist_ok=True)
         torch.save(capture_rng_state(), local / checkpoints.RNG_DIR / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
@@ -500,29 +422,3 @@ class StageWorker:
                 self.metrics.close()
             shutil.rmtree(self.scratch, ignore_errors=True)
 
-
-def hash_sample(row: torch.Tensor) -> int:
-    """A stable 63-bit digest of one sample's tokens (for the data-order audit)."""
-    import hashlib
-
-    digest = hashlib.blake2b(row.numpy().astype("int64").tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
-class _gathered:
-    """deepspeed.zero.GatheredParameters under ZeRO-3 (rank 0 modifies), nothing otherwise."""
-
-    def __init__(self, params: list, zero_stage: int) -> None:
-        self.context = None
-        if zero_stage == 3 and params:
-            import deepspeed
-
-            self.context = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-
-    def __enter__(self) -> None:
-        if self.context is not None:
-            self.context.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.context is not None:
-            self.context.__exit__(*exc)
