@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": dict(manifest=manifest), "run": dict(storage_path=str(work / "runs"), name=name, metrics=False),
         }
         for section, changes in sections.items():
-            values[section] = {**values[section], **changes}
+            values[section] = {**values.get(section, {}), **changes}
         return JobConfig.from_dict(values)
 
     base_job = job("unused")

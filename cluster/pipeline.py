@@ -2,7 +2,7 @@
 
     run_pipeline(PipelineConfig())          # the CPU smoke run (`python -m launchers.pipeline`)
 
-Every stage is submitted as a Ray job (the same `python -m launchers.train ...` a user would pass to
+Prep and every stage are submitted as Ray jobs (the same `python -m launchers.train ...` a user would pass to
 `ray job submit`), to the cluster at `address` or to a local head this function starts with
 `ray start --head --block` and stops afterwards. The two stage-2 jobs run side by side when the
 cluster has CPUs for both. At the end the exports are evaluated on the validation split: each
@@ -145,7 +145,7 @@ class JobRunner:
         log(f"submitted {name} as Ray job {job_id}")
         return job_id
 
-    def wait(self, jobs: dict[str, str]) -> None:
+    def wait(self, jobs: dict[str, str], *, echo: tuple[str, ...] = ("[stage",)) -> None:
         """Wait for all jobs, echoing stage lines from their logs; raise if any did not succeed."""
         from ray.job_submission import JobStatus
 
@@ -161,7 +161,7 @@ class JobRunner:
                 for line in lines[printed[name]:]:
                     # Worker lines arrive as "(RayTrainWorker pid=N) [stage1] ...", coloured, sometimes twice.
                     line = _WORKER_PREFIX.sub("", _ANSI.sub("", line))
-                    if ("[stage" in line or "Error" in line) and line != last_echo[name]:
+                    if (any(mark in line for mark in echo) or "Error" in line) and line != last_echo[name]:
                         print(f"  {name} | {line}", flush=True)
                         last_echo[name] = line
                 printed[name] = len(lines)
@@ -180,8 +180,6 @@ def _stage_args(cfg: PipelineConfig, stage: str, extra: list[str]) -> list[str]:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    from datasets_prep import prepare
-
     out = Path(cfg.out).resolve()
     storage_path = out / "stages"
     started = time.perf_counter()
@@ -189,17 +187,16 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     try:
         dashboard = cfg.address or head.dashboard
         if head is not None:
-            os.environ["RAY_ADDRESS"] = head.gcs
             log(f"started a local Ray head: {head.gcs} (jobs at {head.dashboard})")
         runner = JobRunner(dashboard, out / "logs")
         stage_seq = load_job_config(cfg.config, stage="stage1", overrides=[*PipelineConfig._fillers("stage1"), *cfg.overrides]).train.seq_len
 
         log(f"prep: {', '.join(cfg.sources)} -> {out / 'data'} (vocab {cfg.vocab_size}, seq_len {stage_seq})")
         tick = time.perf_counter()
-        manifest = prepare(list(cfg.sources), out=str(out / "data"), vocab_size=cfg.vocab_size, seq_len=stage_seq, progress=False)
-        import ray
-
-        ray.shutdown()  # the prep driver's connection is not needed by the stage jobs
+        prep_args = [arg for source in cfg.sources for arg in ("--source", source)]
+        prep_args += ["--out", str(out / "data"), "--vocab-size", str(cfg.vocab_size), "--seq-len", str(stage_seq), "--no-progress"]
+        runner.wait({"prep": runner.submit("prep", "launchers.prep", prep_args)}, echo=("prep:",))
+        manifest = str(out / "data" / "manifest.json")
         log(f"prep done in {time.perf_counter() - tick:.0f}s: {manifest}")
         common = [f"data.manifest={manifest}", f"run.storage_path={storage_path}"]
 
@@ -223,11 +220,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         stage2 = {s: [f"run.init_from={base}"] for s in ("stage2-text", "stage2-code")}
         job = load_job_config(cfg.config, stage="stage2-text", overrides=[*PipelineConfig._fillers("stage2-text"), *cfg.overrides])
         needed = 2 * job.scaling.num_workers * job.scaling.cpus_per_worker
-        import ray as _ray
-
-        _ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
-        available = _ray.cluster_resources().get("CPU", 0)
-        _ray.shutdown()
+        # On a cluster of our own we know its size; a given cluster is trusted to queue the second job's workers.
+        available = cfg.num_cpus if head is not None else float("inf")
         if available >= needed:
             log("stage2-text and stage2-code run side by side")
             run(stage2)
@@ -248,7 +242,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         return report
     finally:
         if head is not None:
-            os.environ.pop("RAY_ADDRESS", None)
             head.__exit__()
 
 
