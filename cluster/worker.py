@@ -19,6 +19,7 @@ import json
 import math
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -97,7 +98,9 @@ class StageWorker:
 
     def log(self, line: str) -> None:
         if self.rank == 0:
-            print(f"[{self.job.stage}] {line}", flush=True)
+            # Not print(): Ray Train patches print to tee into its logger, which doubles every line in the job log.
+            sys.stdout.write(f"[{self.job.stage}] {line}\n")
+            sys.stdout.flush()
 
     def _broadcast(self, value: Any) -> Any:
         box = [value]
