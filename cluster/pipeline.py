@@ -125,23 +125,33 @@ class LocalRayHead:
 
 
 class JobRunner:
-    """Submits `python -m launchers.X` entrypoints as Ray jobs and streams their logs."""
+    """Submits `python -m launchers.X` entrypoints as Ray jobs and streams their logs.
 
-    def __init__(self, dashboard: str, logs: Path) -> None:
+    ship_code: upload the repository as the job's working_dir (a remote cluster). A head started by
+    this machine reads the code where it is, through PYTHONPATH, which also sidesteps Ray dropping a
+    shared working_dir package between two jobs (RuntimeEnvSetupError). Jobs that fail while setting
+    up their runtime environment are submitted again, up to `retries` times.
+    """
+
+    def __init__(self, dashboard: str, logs: Path, *, ship_code: bool, retries: int = 2) -> None:
         from ray.job_submission import JobSubmissionClient
 
-        self.client, self.logs = JobSubmissionClient(dashboard), logs
+        self.client, self.logs, self.ship_code, self.retries = JobSubmissionClient(dashboard), logs, ship_code, retries
+        self.specs: dict[str, tuple[str, list[str]]] = {}
         logs.mkdir(parents=True, exist_ok=True)
 
     def submit(self, name: str, module: str, args: list[str]) -> str:
-        entrypoint = shlex.join([sys.executable, "-m", module, *args])
-        runtime_env = {
-            "working_dir": str(REPO_ROOT),
-            "excludes": [".git", ".venv", "runs", ".cache", "**/__pycache__"],
-            "env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"},
-        }
-        job_id = self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                        submission_id=f"{name}-{int(time.time())}")
+        self.specs[name] = (module, args)
+        env_vars = {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+        if self.ship_code:
+            runtime_env = {"working_dir": str(REPO_ROOT), "excludes": [".git", ".venv", "runs", ".cache", "**/__pycache__"]}
+            entrypoint = shlex.join([sys.executable, "-m", module, *args])
+        else:
+            env_vars["PYTHONPATH"] = str(REPO_ROOT)
+            runtime_env = {}
+            entrypoint = f"cd {shlex.quote(str(REPO_ROOT))} && " + shlex.join([sys.executable, "-m", module, *args])
+        job_id = self.client.submit_job(entrypoint=entrypoint, runtime_env={**runtime_env, "env_vars": env_vars},
+                                        submission_id=f"{name}-{time.time_ns()}")
         log(f"submitted {name} as Ray job {job_id}")
         return job_id
 
@@ -151,6 +161,7 @@ class JobRunner:
 
         printed = {name: 0 for name in jobs}
         last_echo = {name: "" for name in jobs}
+        retries = {name: self.retries for name in jobs}
         pending = dict(jobs)
         while pending:
             time.sleep(2)
@@ -159,19 +170,26 @@ class JobRunner:
                 text = self.client.get_job_logs(job_id)
                 lines = text.splitlines()
                 for line in lines[printed[name]:]:
-                    # Worker lines arrive as "(RayTrainWorker pid=N) [stage1] ...", coloured, sometimes twice.
+                    # Worker lines arrive as "(RayTrainWorker pid=N) [stage1] ...", coloured.
                     line = _WORKER_PREFIX.sub("", _ANSI.sub("", line))
                     if (any(mark in line for mark in echo) or "Error" in line) and line != last_echo[name]:
                         print(f"  {name} | {line}", flush=True)
                         last_echo[name] = line
                 printed[name] = len(lines)
-                if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-                    (self.logs / f"{name}.log").write_text(text)
-                    del pending[name]
-                    if status != JobStatus.SUCCEEDED:
-                        raise RuntimeError(
-                            f"Ray job {job_id} ({name}) ended {status}; its full log is {self.logs / (name + '.log')}"
-                        )
+                if status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                    continue
+                (self.logs / f"{name}.log").write_text(text)
+                del pending[name]
+                if status == JobStatus.SUCCEEDED:
+                    continue
+                message = self.client.get_job_info(job_id).message or ""
+                if "RuntimeEnvSetupError" in text + message and retries[name] > 0:
+                    retries[name] -= 1
+                    log(f"{name}: Ray could not set up the job's runtime environment; submitting it again")
+                    pending[name] = self.submit(name, *self.specs[name])
+                    printed[name], last_echo[name] = 0, ""
+                    continue
+                raise RuntimeError(f"Ray job {job_id} ({name}) ended {status}; its full log is {self.logs / (name + '.log')}")
 
 
 def _stage_args(cfg: PipelineConfig, stage: str, extra: list[str]) -> list[str]:
@@ -188,7 +206,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         dashboard = cfg.address or head.dashboard
         if head is not None:
             log(f"started a local Ray head: {head.gcs} (jobs at {head.dashboard})")
-        runner = JobRunner(dashboard, out / "logs")
+        runner = JobRunner(dashboard, out / "logs", ship_code=head is None)
         stage_seq = load_job_config(cfg.config, stage="stage1", overrides=[*PipelineConfig._fillers("stage1"), *cfg.overrides]).train.seq_len
 
         log(f"prep: {', '.join(cfg.sources)} -> {out / 'data'} (vocab {cfg.vocab_size}, seq_len {stage_seq})")
