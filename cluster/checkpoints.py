@@ -19,7 +19,6 @@ a warning, which is how a broken latest falls back to the previous one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import storage
+from mmrec.train.checkpoint import file_sha256
 
 RUN_FILE, HISTORY_FILE, FROZEN_FILE = "run.json", "history.json", "frozen.safetensors"
 DEEPSPEED_DIR, EXPORT_DIR, RNG_DIR, COMPLETE_DIR = "deepspeed", "export", "rng", "complete"
@@ -53,14 +53,6 @@ def step_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _marker(directory: Path, rank: int) -> Path:
     return directory / COMPLETE_DIR / f"rank_{rank:05d}.json"
 
@@ -69,7 +61,7 @@ def seal_rank(directory: str | Path, rank: int) -> Path:
     """Write this rank's completion marker over everything it wrote into `directory` (call last)."""
     directory = Path(directory)
     files = {
-        str(path.relative_to(directory)): [path.stat().st_size, _sha256(path)]
+        str(path.relative_to(directory)): [path.stat().st_size, file_sha256(path)]
         for path in sorted(directory.rglob("*"))
         if path.is_file() and path.relative_to(directory).parts[0] != COMPLETE_DIR
     }
@@ -103,7 +95,7 @@ def verify_complete(directory: str | Path) -> dict[str, Any]:
             path = directory / name
             if not path.is_file():
                 raise CheckpointIncomplete(f"{directory}: {name} (written by rank {rank}) is missing")
-            if path.stat().st_size != size or _sha256(path) != sha:
+            if path.stat().st_size != size or file_sha256(path) != sha:
                 raise CheckpointIncomplete(f"{directory}: {name} (written by rank {rank}) is truncated or corrupt")
     return info
 

@@ -48,19 +48,6 @@ class _NonFinite(Exception):
         self.step, self.what = step, what
 
 
-def stage_path_kwargs(stage: str) -> dict[str, Any]:
-    """Keyword arguments selecting the stage's path through the model (mirrors StageSetup.forward).
-
-    The engine must be called instead of the raw module: DeepSpeed hooks its forward output for
-    gradient-accumulation scaling and ZeRO-3 bookkeeping.
-    """
-    if stage == "stage1":
-        return {}
-    if stage == "stage3":
-        return {"expert": None}
-    return {"expert": stage.removeprefix("stage2-")}
-
-
 def train_worker(job_dict: dict[str, Any]) -> None:
     """Ray Train entry point (train_loop_per_worker)."""
     import ray.train
@@ -242,7 +229,7 @@ class StageWorker:
         data_wait = forward_backward = 0.0
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         digests: list[int] = []
-        path = stage_path_kwargs(self.job.stage)
+        path = self.setup.path_kwargs
         for _ in range(self.grad_accum):
             tick = time.perf_counter()
             batch = next(data)
@@ -298,7 +285,7 @@ class StageWorker:
     # ---- evaluation, checkpoints, exports ----
 
     def validate(self) -> dict[str, float]:
-        path = stage_path_kwargs(self.job.stage)
+        path = self.setup.path_kwargs
         result = evaluate(self.engine.module, self.val_batches, lambda ids: self.engine(ids.to(self.device), **path)[0])
         self.setup.train_mode()
         if self.metrics is not None:

@@ -44,7 +44,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checkpoints can be large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -91,7 +92,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], *, 
         torch.save(state, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    meta = dict(step=step, bytes=state_path.stat().st_size, sha256=_sha256(state_path))
+    meta = dict(step=step, bytes=state_path.stat().st_size, sha256=file_sha256(state_path))
     atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
     publish_directory(tmp, final)
     atomic_write_text(directory / LATEST_FILE, final.name + "\n")
@@ -121,7 +122,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt: {STATE_FILE} has {size} bytes, {META_FILE} says {meta['bytes']}"
         )
-    if _sha256(state_path) != meta["sha256"]:
+    if file_sha256(state_path) != meta["sha256"]:
         raise CheckpointError(f"checkpoint {path} is corrupt: the sha256 of {STATE_FILE} does not match {META_FILE}")
     return torch.load(state_path, map_location="cpu", weights_only=True)
 

@@ -30,6 +30,9 @@ class StageSetup:
     stage: str
     model: nn.Module  # what the optimizer and the checkpoints cover
     forward: ForwardFn  # inputs [B, T] -> logits [B, T, V] on the stage's path
+    # Keyword arguments that select the stage's path through `model` (forward == model(x, **path_kwargs)[0]).
+    # A wrapper that must be called instead of the raw module (a DeepSpeed engine) uses these.
+    path_kwargs: dict[str, Any]
     param_groups: list[dict]  # for torch.optim.AdamW; frozen parameters are in none of them
     export_module: nn.Module  # what the stage hands on: the base, one expert, or the full model
     export_kind: str  # "expert" | "mmrec" (see mmrec.train.export)
@@ -91,9 +94,7 @@ def prepare_stage(
             model.load_state_dict(_expert_export_state(init_from, stage, "init_from"), strict=True)
         trained_expert, export_module, kind = model, model, "expert"
         reported = [model]
-
-        def forward(inputs: torch.Tensor) -> torch.Tensor:
-            return model(inputs)[0]
+        path_kwargs: dict[str, Any] = {}
 
     elif stage.startswith("stage2-"):
         if init_from is None or isinstance(init_from, Mapping):
@@ -109,9 +110,7 @@ def prepare_stage(
         _freeze(model.fusion)
         frozen.append(model.fusion)
         export_module, kind, reported = trained_expert, "expert", [trained_expert]
-
-        def forward(inputs: torch.Tensor) -> torch.Tensor:
-            return model(inputs, expert=domain)[0]
+        path_kwargs = {"expert": domain}
 
     else:  # stage3
         if train_cfg.freeze_first_n_layers or train_cfg.lower_lr_first_n_layers:
@@ -129,9 +128,10 @@ def prepare_stage(
         # Frozen experts only run forward (a third of their training FLOPs) and skip their own heads.
         expert_head = 3.0 * 2 * model_cfg.d_model * model_cfg.vocab_size
         flops = sum(e.flops_per_token() - expert_head for e in model.experts.values()) / 3 + model.fusion.flops_per_token()
+        path_kwargs = {"expert": None}
 
-        def forward(inputs: torch.Tensor) -> torch.Tensor:
-            return model(inputs, expert=None)[0]
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        return model(inputs, **path_kwargs)[0]
 
     if trained_expert is not None:
         flops = trained_expert.flops_per_token()
@@ -146,6 +146,7 @@ def prepare_stage(
         stage=stage,
         model=model,
         forward=forward,
+        path_kwargs=path_kwargs,
         param_groups=build_param_groups(model, train_cfg),
         export_module=export_module,
         export_kind=kind,
