@@ -139,6 +139,24 @@ def find_resume_point(storage_url: str, run_name: str, *, download_to: str | Pat
     return None
 
 
+RUN_REFERENCE = "run:"
+
+
+def resolve_run_reference(value: str, storage_url: str) -> str:
+    """`run:<name>` -> the export of run <name>'s newest complete checkpoint; anything else unchanged."""
+    if not value.startswith(RUN_REFERENCE):
+        return value
+    run_name = value.removeprefix(RUN_REFERENCE)
+    with tempfile.TemporaryDirectory(prefix="mmrec-init-") as scratch:
+        point = find_resume_point(storage_url, run_name, download_to=scratch)
+    if point is None:
+        raise FileNotFoundError(
+            f"{value!r}: run {run_name!r} has no checkpoint under {storage_url}; run that stage first "
+            "or give the export directory itself"
+        )
+    return storage.join(point.source, EXPORT_DIR)
+
+
 def to_universal(resume: ResumePoint, out: Path) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format, which loads at any world size.
 

@@ -130,7 +130,9 @@ class DataOptions:
 class RunOptions:
     storage_path: str = "runs/cluster"  # local directory or s3://bucket/prefix shared by all workers
     name: str = ""  # run name under storage_path; default "<stage>"
-    init_from: str = ""  # stage2-*: the stage-1 export directory; stage1: optional export to continue from
+    # An export directory (path or s3://), or "run:<name>": the export of the newest complete checkpoint
+    # of run <name> under the same storage_path, so stage jobs chain without knowing checkpoint names.
+    init_from: str = ""  # stage2-*: the stage-1 export; stage1: optional export to continue from
     init_from_text: str = ""  # stage3: the stage-2 text export
     init_from_code: str = ""  # stage3: the stage-2 code export
     metrics: bool = True  # serve Prometheus metrics from every worker

@@ -47,7 +47,11 @@ def run_stage(job: JobConfig) -> StageResult:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     job.check_runnable()
-    job = dataclasses.replace(job, run=dataclasses.replace(job.run, storage_path=storage.absolute_storage_path(job.run.storage_path)))
+    storage_path = storage.absolute_storage_path(job.run.storage_path)
+    # Resolved once here, so every worker (and every restart) starts from the same export.
+    inits = {key: checkpoints.resolve_run_reference(getattr(job.run, key), storage_path)
+             for key in ("init_from", "init_from_text", "init_from_code")}
+    job = dataclasses.replace(job, run=dataclasses.replace(job.run, storage_path=storage_path, **inits))
     _connect_ray()
     scaling = job.scaling
     workers = (scaling.min_workers, scaling.num_workers) if scaling.elastic else scaling.num_workers

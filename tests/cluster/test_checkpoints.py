@@ -95,3 +95,14 @@ def test_watchdog_leaves_a_step_that_finishes_in_time_alone():
     """)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert run.returncode == 0 and "finished" in run.stdout
+
+
+def test_run_reference_resolves_to_the_newest_complete_export(tmp_path):
+    _write_checkpoint(tmp_path / "stage1", 3)
+    latest = _write_checkpoint(tmp_path / "stage1", 6)
+    resolved = checkpoints.resolve_run_reference("run:stage1", str(tmp_path))
+    assert Path(resolved) == latest / checkpoints.EXPORT_DIR
+    # A plain export path passes through untouched; a run without checkpoints is a clear error.
+    assert checkpoints.resolve_run_reference("/exports/base", str(tmp_path)) == "/exports/base"
+    with pytest.raises(FileNotFoundError, match="run 'stage9' has no checkpoint"):
+        checkpoints.resolve_run_reference("run:stage9", str(tmp_path))
