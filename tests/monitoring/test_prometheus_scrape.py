@@ -47,6 +47,11 @@ def scraped_run(tmp_path_factory, plain_rules_file):
     )
     server = start_prometheus(tmp, targets=[f"127.0.0.1:{exporter.port}"], rule_files=[plain_rules_file])
     try:
+        # One scrape before the first step, so rate() sees the counters rise even when the whole run
+        # fits between two scrapes on a fast machine.
+        deadline = time.monotonic() + 30
+        while not server.query(f"{names.TOKENS}_total{{{LABELS}}}") and time.monotonic() < deadline:
+            time.sleep(0.2)
         trainer = Trainer(
             setup, cfg,
             TokenStream(corpus, seq_len=SEQ_LEN, local_batch=BATCH),

@@ -5,6 +5,7 @@ dashboard's Ray row returns data."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,9 @@ pytestmark = pytest.mark.slow
 # processes it started (never `ray stop`, which would end every Ray on the machine).
 RAY_DRIVER = """
 import sys, ray
-ray.init(num_cpus=1, include_dashboard=True, dashboard_port=int(sys.argv[2]),
+# address="local": a new instance even when another Ray (another test's head) is running, which a
+# bare ray.init() would join instead, refusing num_cpus.
+ray.init(address="local", num_cpus=1, include_dashboard=True, dashboard_port=int(sys.argv[2]),
          _metrics_export_port=int(sys.argv[1]), _temp_dir=sys.argv[3])
 print("ready", flush=True)
 sys.stdin.read()
@@ -37,13 +40,16 @@ def ray_instance():
     driver = subprocess.Popen(
         [sys.executable, "-c", RAY_DRIVER, str(metrics_port), str(free_port()), str(temp_dir)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # another test's head, if any
     )
     try:
+        output = []
         line = driver.stdout.readline()
         while line and line.strip() != "ready":
+            output.append(line)
             line = driver.stdout.readline()
         if not line:
-            pytest.fail(f"local Ray did not start (exit {driver.wait()})")
+            pytest.fail(f"local Ray did not start (exit {driver.wait()}):\n{''.join(output[-40:])}")
         yield temp_dir, metrics_port
     finally:
         driver.stdin.close()
