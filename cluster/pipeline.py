@@ -68,7 +68,8 @@ def log(line: str) -> None:
     print(f"[pipeline] {line}", flush=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago (for servers this machine starts)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -77,17 +78,17 @@ def _free_port() -> int:
 class LocalRayHead:
     """`ray start --head --block` as a child process; stopped by its PID (process group) on exit."""
 
-    def __init__(self, num_cpus: int, log_path: Path) -> None:
-        self.num_cpus, self.log_path = num_cpus, log_path
-        self.gcs = f"127.0.0.1:{_free_port()}"
-        self.dashboard = f"http://127.0.0.1:{_free_port()}"
+    def __init__(self, num_cpus: int, log_path: Path, *, env: dict[str, str] | None = None) -> None:
+        self.num_cpus, self.log_path, self.extra_env = num_cpus, log_path, env or {}
+        self.gcs = f"127.0.0.1:{free_port()}"
+        self.dashboard = f"http://127.0.0.1:{free_port()}"
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> LocalRayHead:
         ray_bin = Path(sys.executable).with_name("ray")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        self.env = {**os.environ, **self.extra_env, "RAY_AUTH_MODE": "disabled"}
         self.process = subprocess.Popen(
             [str(ray_bin), "start", "--head", "--block", f"--port={self.gcs.rsplit(':', 1)[1]}", f"--num-cpus={self.num_cpus}",
              "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",

@@ -3,69 +3,35 @@ a small prepared dataset in the real shard format, and a job-config builder."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cluster.config import JobConfig
+from cluster.pipeline import LocalRayHead
 from cluster.synthetic_data import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN = 32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
-    """A real local Ray head with 2 CPUs and a dashboard (for `ray job submit`); yields its addresses."""
-    ray_bin = Path(sys.executable).with_name("ray")
-    gcs_port, dashboard_port = _free_port(), _free_port()
-    temp_dir = tmp_path_factory.mktemp("ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    log = open(temp_dir / "head.log", "w")
-    process = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2", "--num-gpus=0",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
-    )
-    address, dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
-    deadline = time.monotonic() + 120
-    while True:
-        probe = subprocess.run([str(ray_bin), "status", f"--address={address}"], capture_output=True, env=env)
-        if probe.returncode == 0:
-            break
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"ray head did not start; see {temp_dir / 'head.log'}")
-        time.sleep(1)
+    """A real local Ray head with 2 CPUs and a dashboard (for `ray job submit`); yields its addresses.
+
+    The same LocalRayHead the smoke pipeline uses: `ray start --head --block`, stopped by its PID.
+    """
     import ray
 
-    os.environ["RAY_ADDRESS"] = address
-    ray.init(address=address, log_to_driver=False)
-    try:
-        yield {"address": address, "dashboard": dashboard, "env": env}
-    finally:
-        ray.shutdown()
-        os.environ.pop("RAY_ADDRESS", None)
-        # --block keeps `ray start` in the foreground: signalling its process group stops the head it owns.
-        os.killpg(process.pid, signal.SIGTERM)
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    with LocalRayHead(2, log, env={"PYTHONPATH": str(REPO)}) as head:
+        os.environ["RAY_ADDRESS"] = head.gcs
+        ray.init(address=head.gcs, log_to_driver=False)
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+            yield {"address": head.gcs, "dashboard": head.dashboard, "env": head.env}
+        finally:
+            ray.shutdown()
+            os.environ.pop("RAY_ADDRESS", None)
 
 
 @pytest.fixture(scope="session")

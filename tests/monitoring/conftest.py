@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cluster.pipeline import free_port  # noqa: F401 (also used by this area's tests)
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -42,12 +42,6 @@ def promtool() -> str:
 @pytest.fixture(scope="session")
 def kubectl() -> str:
     return require_binary("kubectl", "install it with `bash scripts/k8s/install_kubectl.sh`")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
