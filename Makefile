@@ -42,12 +42,12 @@ test-slow: $(STAMP)
 # Every benchmark prints ours against a baseline measured in the same run; figures and the
 # machine they came from go to docs/benchmarks.md.
 bench: $(STAMP)
-	$(PY) -m kernels.bench --threads 1
-	$(PY) -m mmrec.bench
-	$(PY) -m mmrec.train.bench
-	$(PY) -m datasets_prep.bench
-	$(PY) -m mmrec.metrics.bench
-	$(PY) -m cluster.bench
+	$(PY) -m benchmarks.kernels --threads 1
+	$(PY) -m benchmarks.model
+	$(PY) -m benchmarks.train
+	$(PY) -m benchmarks.prep
+	$(PY) -m benchmarks.metrics
+	$(PY) -m benchmarks.cluster
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

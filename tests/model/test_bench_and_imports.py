@@ -5,7 +5,7 @@ import sys
 import torch
 
 from mmrec import build_base, count_parameters
-from mmrec.bench import TransformerBaseline
+from benchmarks.model import TransformerBaseline
 
 
 def test_baseline_transformer_is_causal_and_same_width(micro_config):

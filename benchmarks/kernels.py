@@ -1,4 +1,4 @@
-"""Scan benchmarks: `python -m kernels.bench [--shapes 8x2048x256,...] [--repeats N] [--skip-loop]`.
+"""Scan benchmarks: `python -m benchmarks.kernels [--shapes 8x2048x256,...] [--repeats N] [--skip-loop]`.
 
 Prints one table per device. Every row times ours against a baseline in the same run:
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device in ("cuda", "all"):
         if not torch.cuda.is_available():
             if args.device == "cuda":
-                raise SystemExit("kernels.bench: --device cuda asked for, but torch sees no CUDA GPU")
+                raise SystemExit("benchmarks.kernels: --device cuda asked for, but torch sees no CUDA GPU")
             print("\nCUDA: skipped (no CUDA GPU visible to torch)")
             return
         from kernels.scan.triton_scan import scan_triton

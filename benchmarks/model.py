@@ -1,6 +1,6 @@
 """Training throughput of an MM-Rec expert against a same-width causal transformer, in one run.
 
-    python -m mmrec.bench [--config small] [--batch 1] [--lengths 512 2048 8192] [--repeats 3]
+    python -m benchmarks.model [--config small] [--batch 1] [--lengths 512 2048 8192] [--repeats 3]
 
 Both models get the same d_model, n_layers, ffn_dim, n_heads and vocabulary, RMSNorm, SwiGLU and a
 tied head; the transformer's mixer is causal F.scaled_dot_product_attention. Each cell is the median

@@ -1,4 +1,4 @@
-"""Cost of the metrics hooks, measured: `python -m mmrec.metrics.bench`.
+"""Cost of the metrics hooks, measured: `python -m benchmarks.metrics`.
 
 Compares one `MetricsExporter.on_step` (validation, 16 series updated) with the same updates
 made directly on prometheus_client objects (the floor any exporter pays), and times a scrape

@@ -1,4 +1,4 @@
-"""python -m datasets_prep.bench [--demo-mb 4]: prep and loader throughput against plain baselines.
+"""python -m benchmarks.prep [--demo-mb 4]: prep and loader throughput against plain baselines.
 
 Prints one table, all measured in this run on the same data:
   * prep tokens/s on one core: our encode + train/val split + pack, against raw

@@ -1,7 +1,7 @@
 """Benchmark: step time of 2-worker ZeRO-2 and ZeRO-2 + CPU offload against single-process training
 of the same model and global batch, and the restart time after a killed worker.
 
-    python -m cluster.bench [--steps 20] [--seq-len 64] [--model tiny]
+    python -m benchmarks.cluster [--steps 20] [--seq-len 64] [--model tiny]
 
 Step times are medians over the steps after the first two (warm-up). The single-process baseline
 is mmrec's own pieces (prepare_stage, AdamW, lm_loss) with no Ray and no DeepSpeed, using all CPUs
@@ -55,7 +55,7 @@ def single_process(manifest: str, job: JobConfig, steps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cluster", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--model", default="tiny")

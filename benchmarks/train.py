@@ -1,4 +1,4 @@
-"""`python -m mmrec.train.bench`: what the Trainer's bookkeeping costs, measured against bare PyTorch.
+"""`python -m benchmarks.train`: what the Trainer's bookkeeping costs, measured against bare PyTorch.
 
 Two rows, each ours vs a baseline in the same run:
   train step   Trainer.train_step (shape checks, NaN check, clipping, timers, schedule) vs a hand-written
