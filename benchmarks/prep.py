@@ -15,10 +15,11 @@ import time
 
 import numpy as np
 
-from datasets_prep import shards as shard_format
-from datasets_prep import sources, storage
-from datasets_prep.manifest import Manifest, ShardInfo, save_manifest
-from datasets_prep.tokenizer import train_tokenizer
+from core import shards as shard_format
+from core import storage
+from datasets_prep import sources
+from core.manifest import Manifest, ShardInfo, save_manifest
+from datasets_prep.tokenizer_training import train_tokenizer
 
 
 def _best_of(repeats: int, *fns) -> list[float]:

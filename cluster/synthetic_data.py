@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets_prep.manifest import MANIFEST_NAME, Manifest, ShardInfo, save_manifest
-from datasets_prep.shards import sha256_hex, shard_bytes
+from core.manifest import MANIFEST_NAME, Manifest, ShardInfo, save_manifest
+from core.shards import sha256_hex, shard_bytes
 
 _WORDS = "the a model learns from data and every token of text follows rules that it can see over time".split()
 _CODE = ["def f(x):", "    return x + 1", "for i in range(n):", "    total += i", "if x > 0:", "import os", "class A:", "    pass"]

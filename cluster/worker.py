@@ -106,8 +106,8 @@ class StageWorker:
         )
 
     def _fetch_tokenizer(self) -> Path:
-        from datasets_prep import storage as data_storage
-        from datasets_prep.manifest import load_manifest, manifest_dir
+        from core import storage as data_storage
+        from core.manifest import load_manifest, manifest_dir
 
         manifest = load_manifest(self.job.data.manifest)
         url = data_storage.join(manifest_dir(self.job.data.manifest), manifest.tokenizer_path)

@@ -19,12 +19,13 @@ from typing import Sequence
 
 import numpy as np
 
-from datasets_prep import shards as shard_format
+from core import shards as shard_format
 from datasets_prep import sources as source_lib
-from datasets_prep import storage
-from datasets_prep.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, \
+from core import storage
+from core.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, \
     save_manifest
-from datasets_prep.tokenizer import MIN_VOCAB_SIZE, SentencePieceTokenizer, train_tokenizer
+from core.tokenizer import SentencePieceTokenizer
+from datasets_prep.tokenizer_training import MIN_VOCAB_SIZE, train_tokenizer
 
 TOKENIZER_NAME = "tokenizer.model"
 TOKENIZER_META_NAME = "tokenizer.json"

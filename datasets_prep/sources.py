@@ -18,7 +18,7 @@ import zlib
 from typing import Iterator
 from urllib.parse import unquote
 
-from datasets_prep import storage
+from core import storage
 from datasets_prep.roff import strip_roff
 
 DOMAINS = ("text", "code")

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from datasets_prep import prepare
-from datasets_prep.storage import StorageError
+from core.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from datasets_prep import storage
-from datasets_prep.manifest import load_manifest, manifest_dir
+from core import storage
+from core.manifest import load_manifest, manifest_dir
 from mmrec import get_config
 from mmrec.data import ShardLoader
 from mmrec.train import STAGES, ConfigError, Trainer, TrainConfig, prepare_stage

@@ -19,9 +19,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from datasets_prep import storage
-from datasets_prep.manifest import Manifest, load_manifest, manifest_dir
-from datasets_prep.shards import CorruptShardError, read_shard
+from core import storage
+from core.manifest import Manifest, load_manifest, manifest_dir
+from core.shards import CorruptShardError, read_shard
 from mmrec.data.order import DomainOrder, MixSchedule
 
 log = logging.getLogger(__name__)

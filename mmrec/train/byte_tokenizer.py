@@ -40,7 +40,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer stored in `directory` (an export directory)."""
     directory = Path(directory)
     if (directory / "tokenizer.model").is_file():
-        from mmrec.data import SentencePieceTokenizer  # the data pipeline's tokenizer (byte-exact for code)
+        from core.tokenizer import SentencePieceTokenizer  # the data pipeline's tokenizer (byte-exact for code)
 
         return SentencePieceTokenizer((directory / "tokenizer.model").read_bytes())
     spec_path = directory / "tokenizer.json"

@@ -4,7 +4,7 @@ without Ray or shards, split into train/val per document by the pipeline's own h
 """
 from __future__ import annotations
 
-from datasets_prep.shards import split_of
+from core.shards import split_of
 from datasets_prep.sources import demo_items, read_item
 
 

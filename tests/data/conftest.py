@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datasets_prep import storage
-from datasets_prep.manifest import Manifest, ShardInfo, save_manifest
-from datasets_prep.shards import sha256_hex, shard_bytes
+from core import storage
+from core.manifest import Manifest, ShardInfo, save_manifest
+from core.shards import sha256_hex, shard_bytes
 from cluster.pipeline import free_port
 
 ACCESS_KEY = "mmrec-test-key"

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from datasets_prep import prepare, storage
-from datasets_prep.manifest import load_manifest
-from datasets_prep.shards import sha256_hex
-from datasets_prep.tokenizer import SentencePieceTokenizer
+from core import storage
+from datasets_prep import prepare
+from core.manifest import load_manifest
+from core.shards import sha256_hex
+from core.tokenizer import SentencePieceTokenizer
 from mmrec.data import CorruptShardError, ShardLoader
 
 REPO = Path(__file__).parents[2]

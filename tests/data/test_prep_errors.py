@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from datasets_prep import StorageError, StorageNotFound, prepare
-from datasets_prep.manifest import load_manifest
+from core.storage import StorageError, StorageNotFound
+from datasets_prep import prepare
+from core.manifest import load_manifest
 
 TINY = dict(vocab_size=300, seq_len=4, progress=False)
 

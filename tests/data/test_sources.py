@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from datasets_prep import prepare, storage
-from datasets_prep.manifest import load_manifest
+from core import storage
+from datasets_prep import prepare
+from core.manifest import load_manifest
 from datasets_prep.roff import strip_roff
-from datasets_prep.shards import read_shard
+from core.shards import read_shard
 from datasets_prep.sources import expand, parse_source, read_item
-from datasets_prep.tokenizer import SentencePieceTokenizer
+from core.tokenizer import SentencePieceTokenizer
 
 FILES = {
     "src/a.py": "def a():\n    return 1\n",

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from datasets_prep import storage
+from core import storage
 
 from botocore.exceptions import EndpointConnectionError
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datasets_prep.shards import pack, pack_stream, shard_bytes
-from datasets_prep.tokenizer import NEWLINE_PIECE, SentencePieceTokenizer, train_tokenizer
+from core.shards import pack, pack_stream, shard_bytes
+from core.tokenizer import NEWLINE_PIECE, SentencePieceTokenizer
+from datasets_prep.tokenizer_training import train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TRAIN_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "string.py"]

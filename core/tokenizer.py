@@ -4,26 +4,26 @@ SentencePiece treats its input as one line: a newline inside text would either s
 sentences or fall back to a byte piece with no learned merges around it. So newlines are handled
 outside SentencePiece: text is split on "\\n", each line is encoded on its own, and the lines are
 joined with the id of a reserved control piece NEWLINE_PIECE. A control piece can never be produced
-from raw text, so a file that literally contains "<nl>" still round-trips. The other settings keep
-code intact: identity normalisation, no whitespace squashing, no dummy prefix, byte fallback for
-anything outside the vocabulary, and digits split so numbers do not eat the vocabulary.
+from raw text, so a file that literally contains "<nl>" still round-trips. The settings that keep
+code intact at training time are in datasets_prep.tokenizer_training.
+
+Prep encodes with it, the export ships its model file (tokenizer.model), and generate/eval decode
+with it: one class, so the newline convention cannot differ between them.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
-import os
-from typing import Iterable, Iterator
+from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
-from datasets_prep import storage
+from core import storage
 
 NEWLINE_PIECE = "<nl>"
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
-# 256 byte pieces + unk/bos/eos + the newline piece must fit, with room for some real merges.
-MIN_VOCAB_SIZE = 300
+TOKENIZER_FILE = "tokenizer.model"
 
 
 class SentencePieceTokenizer:
@@ -126,41 +126,12 @@ class SentencePieceTokenizer:
         return self._sp.id_to_piece(int(token))
 
 
-def _training_lines(texts: Iterable[str]) -> Iterator[str]:
-    for text in texts:
-        for line in text.split("\n"):
-            if line:
-                yield line
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int, *, model_type: str = "unigram",
-                    num_threads: int | None = None) -> SentencePieceTokenizer:
-    """Train on `texts` (already a sample of the corpus); returns the tokenizer, model in memory."""
-    import sentencepiece as spm
-
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 260 "
-                         f"pieces; use at least {MIN_VOCAB_SIZE}")
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(texts),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        byte_fallback=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        character_coverage=0.9995,
-        control_symbols=[NEWLINE_PIECE],
-        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
-        # A small sample may not support the requested size; take what it supports instead of
-        # failing, and report the real size through vocab_size.
-        hard_vocab_limit=False,
-        max_sentence_length=16384,
-        num_threads=num_threads or os.cpu_count() or 1,
-        minloglevel=2,
-    )
-    return SentencePieceTokenizer(model.getvalue())
+def load_tokenizer(directory: str | Path) -> SentencePieceTokenizer:
+    """The tokenizer stored beside a weights export (its tokenizer.model)."""
+    path = Path(directory) / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {TOKENIZER_FILE} beside the export in {directory}: copy the tokenizer the model was "
+            "trained with (the dataset's tokenizer.model) into that directory"
+        )
+    return SentencePieceTokenizer(path.read_bytes())

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 
-from datasets_prep import storage
+from core import storage
 
 FORMAT = "mmrec-shards/1"
 MANIFEST_NAME = "manifest.json"

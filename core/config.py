@@ -1,0 +1,478 @@
+"""The one config tree of the project: every launcher reads its sections from it.
+
+A config is a TOML file (configs/*.toml) plus `--set section.key=value` overrides:
+
+    stage = "stage1"            the training stage (launchers.train; --stage)
+    [model]                     name = "tiny" and any mmrec.ModelConfig field as an override
+    [train]                     optimiser, schedule, batch geometry, precision, validation, checkpoints
+    [data]                      the prepared dataset (manifest.json) and its order
+    [run]                       where the run lives (storage_path/name), what it starts from, records
+    [engine]                    "torch" (one process) or "deepspeed" (Ray Train workers, ZeRO 0-3)
+    [scaling]                   workers, CPUs per worker, GPUs
+    [fault_tolerance]           restarts, the step watchdog, NaN rollbacks
+    [fault]                     injected faults for tests and drills (never in real runs)
+    [metrics]                   the Prometheus exporter and the MFU peak
+    [ray]                       which cluster, connection and scheduling deadlines
+    [prep]                      launchers.prep: sources, tokenizer, shards
+    [pipeline]                  launchers.pipeline: the whole run and its checks
+    [generate], [eval]          launchers.generate / launchers.eval
+    [stages.<stage>.<section>]  values that apply to one stage only (e.g. stage 2's lr)
+
+Resolution for a stage: field defaults < the stage's preset (core.stages) < the file's sections <
+the file's [stages.<stage>] tables < --set. Unknown sections and keys are errors that name them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from core.configtree import ConfigError, apply_overrides, build, check_keys, merge, read_toml, to_dict
+from core.stages import STAGE_NAMES, STAGES, get_stage
+
+# 256 byte pieces + unk/bos/eos + the newline piece must fit, with room for some real merges.
+MIN_VOCAB_SIZE = 300
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # optimiser and schedule
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr
+    betas: tuple[float, ...] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still reported)
+    # batch geometry: one optimizer step sees grad_accum_steps * micro_batch_size * seq_len tokens per worker
+    grad_accum_steps: int = 1
+    micro_batch_size: int = 8
+    seq_len: int = 512  # must equal the prepared dataset's seq_len
+    # numerics and memory. "auto": bf16 autocast where the hardware has native bf16 (CUDA, or a CPU
+    # with AMX / AVX512-BF16), fp32 elsewhere; the scan, the memory and the loss accumulate in fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    activation_checkpointing: bool = False
+    # validation, best model, early stopping
+    eval_every: int = 100  # 0 disables periodic validation
+    eval_batches: int = 8
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 disables
+    early_stopping_min_delta: float = 0.0
+    # checkpoints and logging
+    checkpoint_every: int = 500  # 0: only the final checkpoint
+    keep_checkpoints: int = 3  # >= 2 so a corrupt latest can fall back to the previous one
+    log_every: int = 10
+    seed: int = 0
+    # fine-tuning options (stage 2)
+    freeze_first_n_layers: int = 0
+    lower_lr_first_n_layers: int = 0
+    lower_lr_factor: float = 0.1  # lr multiplier of the first lower_lr_first_n_layers blocks
+
+    def __post_init__(self) -> None:
+        for key in ("lr", "lower_lr_factor"):
+            _require(getattr(self, key) > 0, f"train.{key}={getattr(self, key)!r}: must be > 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio={self.min_lr_ratio!r}: must be in [0, 1]")
+        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+                 f"train.betas={list(self.betas)!r}: must be two numbers in [0, 1)")
+        _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay!r}: must be >= 0")
+        _require(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip!r}: must be >= 0 (0 disables clipping)")
+        for key in ("max_steps", "grad_accum_steps", "micro_batch_size", "seq_len", "eval_batches", "log_every"):
+            _require(getattr(self, key) >= 1, f"train.{key}={getattr(self, key)!r}: must be an integer >= 1")
+        for key in ("warmup_steps", "eval_every", "early_stopping_patience", "checkpoint_every",
+                    "freeze_first_n_layers", "lower_lr_first_n_layers", "seed"):
+            _require(getattr(self, key) >= 0, f"train.{key}={getattr(self, key)!r}: must be an integer >= 0")
+        _require(self.warmup_steps <= self.max_steps,
+                 f"train.warmup_steps={self.warmup_steps} must be <= train.max_steps ({self.max_steps})")
+        _require(self.keep_checkpoints >= 2,
+                 f"train.keep_checkpoints={self.keep_checkpoints}: must be >= 2 so a broken latest can fall back")
+        _require(self.early_stopping_min_delta >= 0, "train.early_stopping_min_delta: must be >= 0")
+        _require(self.early_stopping_patience == 0 or self.eval_every > 0,
+                 "train.early_stopping_patience needs train.eval_every > 0 (early stopping counts evaluations)")
+        _require(not (self.freeze_first_n_layers and self.lower_lr_first_n_layers),
+                 "train.lower_lr_first_n_layers cannot be combined with train.freeze_first_n_layers; choose one")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    manifest: str = ""  # manifest.json of a prepared dataset (path or s3://), from launchers.prep
+    seed: int = 0  # the global sample order depends only on (seed, epoch)
+    on_corrupt: Literal["raise", "skip"] = "raise"  # a corrupt shard stops the run, or is skipped and counted
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # The run directory is storage_path/name (a local path or s3://bucket/prefix): checkpoints,
+    # exports and the run's records (metrics.jsonl, loss.png) live there, for both engines.
+    storage_path: str = "runs"
+    name: str = ""  # default: the stage name
+    # Exports a stage starts from: an export directory (path or s3://) or "run:<name>" (that run's
+    # best export; "run:<name>@latest" for its newest) under the same storage_path.
+    init_from: str = ""  # stage2-*: the stage-1 export; stage1: optional export to continue from
+    init_from_text: str = ""  # stage3: the stage-2 text export
+    init_from_code: str = ""  # stage3: the stage-2 code export
+    tensorboard: bool = False  # also write TensorBoard event files beside metrics.jsonl
+    plots: bool = True  # loss.png of training and validation loss, refreshed at every evaluation
+    record_sample_digests: bool = False  # write a digest of every sample each step consumed (tests, audits)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # "torch": one process, plain PyTorch (no Ray). "deepspeed": a Ray Train job whose workers wrap
+    # the model with deepspeed.initialize (ZeRO 0-3, offload), one per scaling.num_workers.
+    kind: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: int = 0
+    offload_optimizer: bool = False  # optimizer states and step on the CPU (DeepSpeedCPUAdam), ZeRO >= 1
+    offload_param: bool = False  # parameters on the CPU between uses; DeepSpeed allows it with ZeRO-3 only
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), f"engine.zero_stage={self.zero_stage!r}: must be 0, 1, 2 or 3")
+        if self.kind == "torch":
+            _require(self.zero_stage == 0 and not self.offload_optimizer and not self.offload_param,
+                     "engine.kind='torch' is one plain PyTorch process: ZeRO and offload need engine.kind='deepspeed'")
+        _require(not self.offload_optimizer or self.zero_stage >= 1,
+                 "engine.offload_optimizer=true needs engine.zero_stage >= 1 (stage 0 keeps the optimizer on each rank)")
+        _require(not self.offload_param or self.zero_stage == 3,
+                 f"engine.offload_param=true needs engine.zero_stage=3 (got {self.zero_stage})")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1  # the nominal (and maximum) number of workers; fixes the global batch
+    min_workers: int = 0  # > 0 makes a deepspeed run elastic: Ray Train may run min_workers..num_workers
+    cpus_per_worker: float = 1.0  # also the torch threads of each worker
+    use_gpu: bool = False  # one GPU per worker (NCCL); CPU workers talk over gloo
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, f"scaling.num_workers={self.num_workers!r}: must be >= 1")
+        _require(0 <= self.min_workers <= self.num_workers,
+                 f"scaling.min_workers={self.min_workers!r}: must be 0 (fixed size) or 1..num_workers ({self.num_workers})")
+        _require(self.cpus_per_worker > 0, f"scaling.cpus_per_worker={self.cpus_per_worker!r}: must be > 0")
+
+    @property
+    def elastic(self) -> bool:
+        return 0 < self.min_workers < self.num_workers
+
+
+@dataclass(frozen=True)
+class FaultToleranceConfig:
+    max_failures: int = 2  # worker/node failures Ray Train restarts from the last checkpoint (-1: unlimited)
+    step_timeout_s: float = 600.0  # a training step slower than this fails the attempt (hang watchdog)
+    nan_max_rollbacks: int = 3  # NaN/Inf loss or gradient rollbacks to the last checkpoint before the run fails
+    nan_lr_factor: float = 0.5  # the lr is multiplied by this on every rollback
+
+    def __post_init__(self) -> None:
+        _require(self.max_failures >= -1, f"fault_tolerance.max_failures={self.max_failures}: must be >= 0 (-1: unlimited)")
+        _require(self.step_timeout_s > 0, f"fault_tolerance.step_timeout_s={self.step_timeout_s}: must be > 0 seconds")
+        _require(self.nan_max_rollbacks >= 0, f"fault_tolerance.nan_max_rollbacks={self.nan_max_rollbacks}: must be >= 0")
+        _require(0 < self.nan_lr_factor < 1, f"fault_tolerance.nan_lr_factor={self.nan_lr_factor}: must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Faults a real component cannot produce on demand, injected at an optimizer step.
+
+    The one sanctioned stand-in of the project: tests and drills use it to prove the recovery paths.
+    Step faults fire on the first attempt only (a marker in the run directory records that they
+    fired), so the restarted run can pass the same step.
+    """
+
+    fail_at_step: int = 0  # a worker raises during this step
+    kill_at_step: int = 0  # a worker process kills itself (SIGKILL) during this step
+    hang_at_step: int = 0  # a worker sleeps forever in this step (the watchdog must end the attempt)
+    fault_rank: int = -1  # which rank misbehaves; -1: the last rank
+    nan_at_steps: tuple[int, ...] = ()  # the loss of these steps becomes NaN ...
+    nan_times: int = 1  # ... this many times per listed step (more than nan_max_rollbacks: the run must fail)
+
+    def __post_init__(self) -> None:
+        for key in ("fail_at_step", "kill_at_step", "hang_at_step", "nan_times"):
+            _require(getattr(self, key) >= 0, f"fault.{key}={getattr(self, key)!r}: must be an integer >= 0 (0: off)")
+        _require(all(s >= 1 for s in self.nan_at_steps), f"fault.nan_at_steps={list(self.nan_at_steps)}: steps are >= 1")
+
+    @property
+    def any_step_fault(self) -> bool:
+        return bool(self.fail_at_step or self.kill_at_step or self.hang_at_step)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = False  # serve Prometheus metrics from every worker
+    port: int = 9400  # first port tried (the exporter searches upwards); 0: any free port
+    # Peak FLOP/s of one worker's device for MFU; 0: measured once on CPUs (a short GEMM in the dtype
+    # in use, cached) or read from the device table on GPUs.
+    peak_flops: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, f"metrics.port={self.port}: must be in 0..65535")
+        _require(self.peak_flops >= 0, f"metrics.peak_flops={self.peak_flops}: must be >= 0 (0: measure)")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # The cluster: this address, else RAY_ADDRESS, else (inside `ray job submit`) the job's own
+    # cluster, else a fresh local instance. Never a stale session file of an earlier cluster.
+    address: str = ""
+    connect_timeout_s: float = 60.0  # give up connecting after this long, with a message naming the address
+    schedule_timeout_s: float = 600.0  # a job or task group that cannot be scheduled this long is stopped
+
+    def __post_init__(self) -> None:
+        _require(self.connect_timeout_s > 0, "ray.connect_timeout_s: must be > 0")
+        _require(self.schedule_timeout_s > 0, "ray.schedule_timeout_s: must be > 0")
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    out: str = ""  # output directory: a path, file:// or s3://
+    sources: tuple[str, ...] = ("demo",)  # see datasets_prep.sources for the source syntax
+    vocab_size: int = 32000
+    tokenizer: str = ""  # bring your own SentencePiece model (path or s3://) instead of training one
+    seq_len: int = 2048
+    val_fraction: float = 0.01
+    shard_mb: float = 64.0
+    partition_mb: float = 16.0
+    tokenizer_sample_mb: float = 16.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(bool(self.sources), "prep.sources: give at least one source, e.g. 'demo' or 'dir:/data?domain=text'")
+        _require(self.vocab_size >= MIN_VOCAB_SIZE,
+                 f"prep.vocab_size={self.vocab_size} is too small: byte fallback alone needs 260 pieces; "
+                 f"use at least {MIN_VOCAB_SIZE}")
+        _require(self.seq_len >= 1, f"prep.seq_len={self.seq_len}: must be >= 1")
+        _require(0.0 <= self.val_fraction < 1.0, f"prep.val_fraction={self.val_fraction}: must be in [0, 1)")
+        for key in ("shard_mb", "partition_mb", "tokenizer_sample_mb"):
+            _require(getattr(self, key) > 0, f"prep.{key}={getattr(self, key)}: must be > 0")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    out: str = "runs/smoke"  # data, stage runs, logs and the report go under here (path or s3://)
+    num_cpus: int = 2  # CPUs of the local Ray head the pipeline starts when ray.address is empty
+    eval_batches: int = 8  # validation batches per domain in the final evaluation table
+    # The fused model must be no worse than each expert on its own domain (within this many nats)
+    # and no worse than the experts routed by an oracle on mixed data (within it again).
+    fusion_slack: float = 0.02
+    prompt: str = "def "
+    sample_tokens: int = 60
+
+    def __post_init__(self) -> None:
+        _require(self.num_cpus >= 1, f"pipeline.num_cpus={self.num_cpus}: must be >= 1 (the stages need CPUs to run)")
+        _require(self.eval_batches >= 1, "pipeline.eval_batches: must be >= 1")
+        _require(self.fusion_slack >= 0, "pipeline.fusion_slack: must be >= 0")
+        _require(self.sample_tokens >= 1, "pipeline.sample_tokens: must be >= 1")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    export: str = ""  # an export directory (path or s3://), or run:<name>[@best|@latest] under run.storage_path
+    prompt: str = ""
+    max_new_tokens: int = 100
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # nucleus sampling; 1: off
+    num_samples: int = 1
+    seed: int = -1  # -1: a fresh seed every run
+    stop_at_eos: bool = True
+    path: Literal["auto", "fused", "text", "code"] = "auto"  # which path of a fused export; auto: fused
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, f"generate.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        _require(self.temperature >= 0, f"generate.temperature={self.temperature}: must be >= 0 (0: greedy)")
+        _require(self.top_k >= 0, f"generate.top_k={self.top_k}: must be >= 1, or 0 for off")
+        _require(0 < self.top_p <= 1, f"generate.top_p={self.top_p}: must be in (0, 1]")
+        _require(self.num_samples >= 1, f"generate.num_samples={self.num_samples}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    export: str = ""  # an export directory, or run:<name>[@best|@latest]
+    data: str = ""  # a manifest.json, a JSONL file (text field per line) or a directory of text files
+    split: Literal["val", "train"] = "val"  # the manifest split to score
+    max_tokens: int = 0  # stop after this many scored tokens per domain; 0: all
+    batch_size: int = 8
+    path: Literal["auto", "fused", "text", "code", "all"] = "all"  # fused exports: which paths to score
+    json: str = ""  # also write the table as JSON here
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.max_tokens >= 0, "eval.max_tokens: must be >= 0 (0: all)")
+        _require(self.batch_size >= 1, "eval.batch_size: must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    stage: str = ""  # a training stage of core.stages ("" outside training launchers)
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "tiny"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    fault: FaultInjection = field(default_factory=FaultInjection)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: dict[str, Any] = field(default_factory=dict)  # [stages.<stage>.<section>] tables
+
+    def __post_init__(self) -> None:
+        _require(self.stage in ("", *STAGE_NAMES), f"stage={self.stage!r}: choose one of {', '.join(STAGE_NAMES)}")
+        _require(isinstance(self.model.get("name", "tiny"), str), "model.name must be a string (a preset name)")
+        _require("seq_len" not in self.model,
+                 "model.seq_len: the model's training length is train.seq_len; set that instead")
+        for name, table in self.stages.items():
+            _require(name in STAGES, f"[stages.{name}]: unknown stage; choose among {', '.join(STAGE_NAMES)}")
+            _require(isinstance(table, Mapping) and "stage" not in table and "stages" not in table,
+                     f"[stages.{name}] holds section tables ([stages.{name}.train] ...), not {table!r}")
+            check_keys(Config, table, f"stages.{name}")  # unknown keys are named now, values when used
+        if self.engine.kind == "torch":
+            _require(self.scaling.num_workers == 1 and not self.scaling.elastic,
+                     "engine.kind='torch' runs one process: set scaling.num_workers=1, or engine.kind='deepspeed' "
+                     "for a Ray Train job of several workers")
+        if self.scaling.elastic:
+            for workers in range(self.scaling.min_workers, self.scaling.num_workers + 1):
+                self.grad_accum_steps_for(workers)  # every admissible size must keep the global batch
+        if self.stage == "stage3":
+            _require(not (self.train.freeze_first_n_layers or self.train.lower_lr_first_n_layers),
+                     "stage3 keeps both experts frozen: train.freeze_first_n_layers and "
+                     "train.lower_lr_first_n_layers must be 0")
+
+    # ---- derived values ----
+
+    @property
+    def model_name(self) -> str:
+        return self.model.get("name", "tiny")
+
+    @property
+    def model_overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model.items() if k != "name"}
+
+    @property
+    def run_name(self) -> str:
+        return self.run.name or self.stage
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step, fixed by the nominal worker count so a resize keeps it."""
+        return self.train.micro_batch_size * self.train.grad_accum_steps * self.scaling.num_workers
+
+    def grad_accum_steps_for(self, world_size: int) -> int:
+        per_micro_step = self.train.micro_batch_size * world_size
+        _require(self.global_batch_size % per_micro_step == 0,
+                 f"global batch {self.global_batch_size} (train.micro_batch_size {self.train.micro_batch_size} x "
+                 f"train.grad_accum_steps {self.train.grad_accum_steps} x scaling.num_workers "
+                 f"{self.scaling.num_workers}) is not divisible by micro_batch_size x {world_size} workers; "
+                 "choose scaling.min_workers/num_workers so it is")
+        return self.global_batch_size // per_micro_step
+
+    def replace(self, **sections: Any) -> Config:
+        """A copy with whole sections replaced, or with section fields changed: replace(run={"name": "x"})."""
+        changes = {}
+        for name, value in sections.items():
+            current = getattr(self, name)
+            if isinstance(value, Mapping) and dataclasses.is_dataclass(current):
+                value = dataclasses.replace(current, **value)
+            changes[name] = value
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Config:
+        return build(cls, values)
+
+
+def resolve(values: Mapping[str, Any], *, stage: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The Config of a plain document (a parsed TOML file), for `stage` when given, with overrides."""
+    values = dict(values)
+    if stage is not None:
+        _require(values.get("stage") in (None, "", stage),
+                 f"--stage {stage} contradicts stage = {values.get('stage')!r} in the config file")
+        values["stage"] = stage
+    # --set stages.<stage>.* edits the per-stage tables before they are merged; every other
+    # assignment applies after the merge, so the command line wins over the file.
+    staged = [a for a in overrides if a.strip().startswith("stages.")]
+    plain = [a for a in overrides if not a.strip().startswith("stages.")]
+    values = apply_overrides(Config, values, [*staged, *[a for a in plain if a.strip().startswith("stage=")]])
+    chosen = values.get("stage") or ""
+    if chosen:
+        get_stage(chosen)  # names the stage if it is unknown
+        tables = values.get("stages", {})
+        if not isinstance(tables, Mapping):
+            raise ConfigError("[stages] must hold one table per stage: [stages.stage2-text.train] ...")
+        values = merge({"train": STAGES[chosen].preset}, values)
+        values = merge(values, tables.get(chosen, {}))
+    values = apply_overrides(Config, values, [a for a in plain if not a.strip().startswith("stage=")])
+    if isinstance(values.get("model", {}), Mapping):
+        values["model"] = {"name": "tiny", **values.get("model", {})}
+    return build(Config, values)
+
+
+def load_config(path: str | os.PathLike | None = None, *, stage: str | None = None,
+                overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML config (defaults when path is None), resolve it for `stage`, apply overrides."""
+    values = read_toml(path) if path is not None else {}
+    return resolve(values, stage=stage, overrides=overrides)
+
+
+def toml_text(values: Mapping[str, Any], sections: Sequence[str] | None = None) -> str:
+    """A TOML document of `values` (what --print-config prints; it loads back with load_config)."""
+    lines: list[str] = []
+    scalars = {k: v for k, v in values.items() if not isinstance(v, Mapping)}
+    for key, value in scalars.items():
+        lines.append(f"{key} = {_toml_value(value)}")
+
+    def table(prefix: str, body: Mapping[str, Any]) -> None:
+        plain = {k: v for k, v in body.items() if not isinstance(v, Mapping)}
+        nested = {k: v for k, v in body.items() if isinstance(v, Mapping)}
+        if plain or not nested:
+            lines.append("")
+            lines.append(f"[{prefix}]")
+            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in plain.items())
+        for key, sub in nested.items():
+            table(f"{prefix}.{_toml_key(key)}", sub)
+
+    for key, value in values.items():
+        if isinstance(value, Mapping) and (sections is None or key in sections) and (value or key != "stages"):
+            table(_toml_key(key), value)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else f'"{key}"'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf" if value < 0 else "nan")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def resolve_path(path: str, base: str | os.PathLike | None = None) -> str:
+    """A local path made absolute against `base` (the caller's directory); URLs and '' unchanged."""
+    if not path or "://" in path or path.startswith("run:"):
+        return path
+    return str((Path(base or os.getcwd()) / Path(path).expanduser()).resolve())
