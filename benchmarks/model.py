@@ -21,6 +21,16 @@ from mmrec.config import ModelConfig, get_config
 from mmrec.model import RMSNorm, SwiGLU, build_base, count_parameters
 
 
+def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (RoPE, half-split form) of x [B, H, T, dh]."""
+    T, dh = x.shape[-2], x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, dh // 2, device=x.device, dtype=torch.float32) / (dh // 2))
+    angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # [T, dh/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 class AttentionBlock(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -35,16 +45,20 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
         B, T, D = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, dh]
+        attended = F.scaled_dot_product_attention(rotary(q), rotary(k), v, is_causal=True)  # [B, H, T, dh]
         x = x + self.out(attended.transpose(1, 2).reshape(B, T, D))
         return x + self.ffn(self.ffn_norm(x))
 
 
 class TransformerBaseline(nn.Module):
-    """Same-width causal transformer (no positional encoding needed for a throughput comparison)."""
+    """Same-width causal transformer with rotary positions (RoPE), RMSNorm, SwiGLU and a tied head.
+
+    n_layers and ffn_dim may be overridden (benchmarks.lm_quality matches MM-Rec's parameter count).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(AttentionBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
@@ -52,11 +66,18 @@ class TransformerBaseline(nn.Module):
             if p.dim() == 2:
                 nn.init.normal_(p, std=config.init_std)
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def features(self, ids: torch.Tensor, state: None = None) -> tuple[torch.Tensor, None]:
         x = self.embedding(ids)
         for block in self.blocks:
             x = block(x)
-        return F.linear(self.norm(x), self.embedding.weight), None
+        return self.norm(x), None
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(features, self.embedding.weight)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, None]:
+        features, _ = self.features(ids)
+        return self.head(features), None
 
 
 def _time_train_step(model: nn.Module, tokens: torch.Tensor, repeats: int, autocast_dtype: torch.dtype | None) -> float:

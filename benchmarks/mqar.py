@@ -1,0 +1,184 @@
+"""Multi-query associative recall (MQAR): MM-Rec, MM-Rec without its associative memory, and the
+same-width causal transformer, trained identically, best of a learning-rate sweep.
+
+    python -m benchmarks.mqar [--settings 64:8:64 256:16:64 512:64:128] [--lrs 1e-3 3e-3 1e-2]
+                              [--steps 2000] [--batch 64] [--models mmrec mmrec-no-memory transformer]
+
+The task is the generator of Zoology (Arora et al. 2023, `multiquery_ar`), reimplemented here: the
+vocabulary is split into keys [1, V/2) and values [V/2, V); a sequence of length T opens with
+`pairs` key-value pairs (distinct keys, distinct values), and each key is queried once more at a
+later position drawn from a power law over the remaining slots (a = 0.01, so queries favour the
+near end of the context); every other position is a uniformly random token. The model is scored
+only at the queried positions: it must output the value that followed the key. Recall is the
+fraction of answer positions whose argmax is right, on 1,000 held-out sequences (chance 2 / V).
+
+Each setting is T:pairs:d_model. Every model has 2 layers, FFN 4d, the given heads and the same
+vocabulary; every run sees the same batches (fresh samples each step, one seed), AdamW (0.9, 0.95),
+weight decay 0.1 on matrices, 10 % linear warm-up, cosine to zero, clipping at 1.0.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import _harness
+from mmrec.config import get_config
+from mmrec.model import build_base, count_parameters
+
+IGNORE = -100
+
+
+def multiquery_ar(
+    vocab_size: int, num_examples: int, seq_len: int, num_pairs: int, *, generator: torch.Generator,
+    power_a: float = 0.01, random_non_queries: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zoology's MQAR sequences: inputs [N, T] and labels [N, T] (IGNORE except at the queried keys)."""
+    if seq_len % 2 or vocab_size <= seq_len or 4 * num_pairs > seq_len:
+        raise ValueError(f"MQAR needs an even T < vocab and 4 * pairs <= T; got T={seq_len}, V={vocab_size}, "
+                         f"pairs={num_pairs}")
+    N, context = num_examples, 2 * num_pairs
+    key_vocab = vocab_size // 2
+
+    def distinct(low: int, high: int) -> torch.Tensor:  # num_pairs distinct draws from [low, high) per row
+        return low + torch.rand(N, high - low, generator=generator).argsort(dim=1)[:, :num_pairs]
+
+    keys, values = distinct(1, key_vocab), distinct(key_vocab, vocab_size)
+    kvs = torch.stack([keys, values], dim=2).reshape(N, context)
+    space = (seq_len - context) // 2
+    weights = power_a * torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)
+    gaps = torch.multinomial((weights / weights.sum()).expand(N, space), num_pairs, replacement=False,
+                             generator=generator)  # [N, pairs], distinct
+    queries = torch.zeros(N, seq_len - context + 1, dtype=torch.long)
+    queries.scatter_(1, 2 * gaps, keys)
+    examples = torch.cat([kvs, queries], dim=1)  # [N, T + 1]
+    labels = torch.full((N, seq_len + 1), IGNORE, dtype=torch.long)
+    labels.scatter_(1, 2 * gaps + context + 1, values)
+    inputs, labels = examples[:, :-1].clone(), labels[:, 1:].clone()
+    if random_non_queries:
+        filler = inputs == 0
+        inputs[filler] = torch.randint(vocab_size, inputs.shape, generator=generator)[filler]
+    return inputs, labels
+
+
+def answer_logits(model, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the answer positions only [n, V] and their targets [n]."""
+    features, _ = model.features(inputs)
+    where = labels != IGNORE
+    return model.head(features[where]).float(), labels[where]
+
+
+def mqar_loss(model, batch) -> torch.Tensor:
+    logits, targets = answer_logits(model, *batch)
+    return F.cross_entropy(logits, targets)
+
+
+def build(kind: str, vocab: int, d_model: int, heads: int, seq_len: int):
+    from benchmarks.model import TransformerBaseline
+
+    config = get_config("tiny", vocab_size=vocab, d_model=d_model, n_layers=2, ffn_dim=4 * d_model,
+                        n_heads=heads, seq_len=seq_len)
+    if kind == "transformer":
+        return TransformerBaseline(config)
+    if kind == "mmrec":
+        return build_base(config)
+    if kind == "mmrec-no-memory":
+        return build_base(config.replace(**NO_MEMORY))
+    raise ValueError(f"unknown model {kind!r}; choose from {MODELS}")
+
+
+MODELS = ("mmrec", "mmrec-no-memory", "transformer")
+NO_MEMORY: dict = {}  # ModelConfig overrides that switch the associative memory off (see mmrec/config.py)
+
+
+def run_setting(args, seq_len: int, pairs: int, d_model: int, device: torch.device, dtype) -> dict:
+    gen = torch.Generator().manual_seed(1234)
+    test_inputs, test_labels = multiquery_ar(args.vocab, args.test_examples, seq_len, pairs, generator=gen)
+    test_inputs, test_labels = test_inputs.to(device), test_labels.to(device)
+    # One stream of training batches, drawn once and replayed to every model and learning rate.
+    train_gen = torch.Generator().manual_seed(args.seed)
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def next_batch(step: int):
+        if step not in cache:
+            inputs, labels = multiquery_ar(args.vocab, args.batch, seq_len, pairs, generator=train_gen)
+            cache[step] = (inputs.to(device), labels.to(device))
+        return cache[step]
+
+    def evaluate(model) -> dict[str, float]:
+        correct = total = 0
+        for start in range(0, len(test_inputs), 250):
+            logits, targets = answer_logits(model, test_inputs[start:start + 250], test_labels[start:start + 250])
+            correct += int((logits.argmax(-1) == targets).sum())
+            total += targets.numel()
+        return {"recall": correct / total}
+
+    results = {}
+    for kind in args.models:
+        runs = []
+        for lr in args.lrs:
+            torch.manual_seed(args.seed)
+            model = build(kind, args.vocab, d_model, args.heads or max(1, d_model // 64), seq_len).to(device)
+            out = _harness.train(model, next_batch, mqar_loss, steps=args.steps, lr=lr, warmup=args.steps // 10,
+                                 dtype=dtype, evaluate=evaluate, log_every=args.log_every,
+                                 label=f"{kind} T={seq_len} lr={lr:g}")
+            recall = out.evals[-1][1]["recall"] if out.evals else float("nan")
+            runs.append({"lr": lr, "recall": recall, "seconds": out.seconds, "params": count_parameters(model),
+                         "final_loss": out.losses[-1][1]})
+            print(f"  {kind:<16} T={seq_len:<4} pairs={pairs:<3} d={d_model:<4} lr={lr:<7g} recall {recall:.4f} "
+                  f"loss {out.losses[-1][1]:.4f} ({out.seconds:.0f} s, {count_parameters(model) / 1e3:.0f}K params)",
+                  flush=True)
+        results[kind] = runs
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=["64:8:64", "256:16:64", "512:64:128"],
+                        help="T:pairs:d_model per setting (default: the issue's three)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary (Zoology: 8192)")
+    parser.add_argument("--heads", type=int, default=0, help="heads of every model (default: d_model / 64)")
+    parser.add_argument("--test-examples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 autocast on CUDA or a CPU with native bf16")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--log-every", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype, precision = _harness.autocast_dtype(device, args.precision)
+    settings = []
+    for text in args.settings:
+        try:
+            seq_len, pairs, d_model = (int(v) for v in text.split(":"))
+        except ValueError:
+            parser.error(f"--settings takes T:pairs:d_model, got {text!r}")
+        settings.append((seq_len, pairs, d_model))
+
+    print(f"MQAR (Zoology generator), 2 layers, vocab {args.vocab}, {args.steps} steps x batch {args.batch}, "
+          f"lrs {args.lrs}; {_harness.machine_line(device)}; {precision}")
+    start = time.perf_counter()
+    table = []
+    for seq_len, pairs, d_model in settings:
+        results = run_setting(args, seq_len, pairs, d_model, device, dtype)
+        row = [str(seq_len), str(pairs), str(d_model)]
+        for kind in args.models:
+            best = max(results[kind], key=lambda r: (r["recall"], -r["lr"]))
+            row.append(f"{best['recall']:.3f} ({best['lr']:g})")
+        table.append(row)
+    print(f"\nrecall on {args.test_examples} held-out sequences, best lr in brackets "
+          f"({time.perf_counter() - start:.0f} s in all)")
+    _harness.print_table(["T", "pairs", "d"] + list(args.models), table)
+
+
+if __name__ == "__main__":
+    main()
