@@ -11,7 +11,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from mmrec.metrics import MetricsConfig, MetricsExporter
+from mmrec.metrics import ExporterOptions, MetricsExporter
 
 STEP = dict(
     step=1, loss=2.5, lr=3e-4, grad_norm=0.7, tokens=65536, samples=32, step_seconds=0.5,
@@ -49,7 +49,7 @@ def _bare_prometheus_client():
 
 
 def main() -> None:
-    exporter = MetricsExporter(stage="stage1", expert="base", config=MetricsConfig(serve=False, peak_flops_per_second=1e15))
+    exporter = MetricsExporter(stage="stage1", expert="base", config=ExporterOptions(serve=False, peak_flops_per_second=1e15))
     exporter.on_state_norms(h_norms=[1.0] * 24, memory_norms=[1.0] * 24)
     ours = _per_call_seconds(lambda: exporter.on_step(**STEP), 20_000)
     bare = _per_call_seconds(_bare_prometheus_client(), 20_000)

@@ -1,14 +1,12 @@
-"""Distributed stages: each stage is a Ray Train run whose workers train MM-Rec under DeepSpeed ZeRO.
+"""Ray: one stage as a Ray Train job of DeepSpeed workers (job.py, worker.py), the connection that
+never hangs (ray_connect.py), the step watchdog, and the whole pipeline of Ray jobs (pipeline.py).
 
-    from cluster import load_job_config, run_stage
-    result = run_stage(load_job_config("configs/smoke.toml", stage="stage1", overrides=["train.max_steps=50"]))
+    from cluster import run_stage
+    from core.config import load_config
+    result = run_stage(load_config("configs/smoke.toml", stage="stage1", overrides=["engine.kind=deepspeed"]))
 
-Modules: config (JobConfig), deepspeed_config (derived DeepSpeed JSON), worker (the per-worker loop),
-job (TorchTrainer launch), checkpoints (layout, completion, fallback), watchdog, storage, pipeline
-(prep + the four stages + evaluation + a sample), bench. Nothing here does model math: the model,
-loss, schedule and stage setup come from mmrec.
+Nothing here does model math or training logic: the loop is mmrec.train.Trainer.
 """
-from cluster.config import ConfigError, JobConfig, load_job_config
 from cluster.job import StageResult, run_stage
 
-__all__ = ["ConfigError", "JobConfig", "StageResult", "load_job_config", "run_stage"]
+__all__ = ["StageResult", "run_stage"]

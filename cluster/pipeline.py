@@ -1,310 +1,273 @@
-"""The whole run, one job per stage: prep -> stage1 -> stage2-text + stage2-code -> stage3 -> eval -> sample.
+"""The whole run as Ray jobs: prep -> stage1 -> stage2-text + stage2-code -> stage3 -> evaluation -> sample.
 
-    run_pipeline(PipelineConfig())          # the CPU smoke run (`python -m launchers.pipeline`)
+    python -m launchers.pipeline --config configs/smoke.toml        # `make smoke`
 
-Prep and every stage are submitted as Ray jobs (the same `python -m launchers.train ...` a user would pass to
-`ray job submit`), to the cluster at `address` or to a local head this function starts with
-`ray start --head --block` and stops afterwards. The two stage-2 jobs run side by side when the
-cluster has CPUs for both. At the end the exports are evaluated on the validation split: each
-stage-2 expert must have a lower loss than the base on its own domain, else PipelineCheckFailed.
+Every job is the same command a user would give `ray job submit` (`python -m launchers.prep ...`,
+`python -m launchers.train --stage ...`) with the same --config file and --set values, so the
+pipeline adds nothing a single stage job does not have. Stages chain through run:<name> exports.
+At the end every model is scored on every domain (base, text expert, code expert, fused x text,
+code, mixed) and the run fails with a clear message unless each expert beats the base on its own
+domain and the fused model is no worse than each expert on its domain and than the experts routed
+by an oracle on mixed data (within pipeline.fusion_slack). Everything lands under pipeline.out:
+data/, stages/<stage>/ (checkpoints, exports, metrics.jsonl, loss.png), logs/, report.json,
+evaluation.json and report.png.
 """
 from __future__ import annotations
 
-import os
-import re
-import shlex
-import signal
-import socket
+import json
+import logging
+import platform
 import subprocess
-import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from cluster import checkpoints
-from cluster.config import load_job_config
+from cluster.jobs import REPO_ROOT, JobRunner
+from cluster.ray_head import LocalRayHead
+from core import storage
+from core.config import Config, ConfigError, resolve
+from core.stages import STAGE_NAMES, STAGES
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_WORKER_PREFIX = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\) ")
+log = logging.getLogger("cluster.pipeline")
 
 
 class PipelineCheckFailed(RuntimeError):
-    """A stage finished but did not do what the pipeline requires (e.g. stage 2 did not beat the base)."""
+    """The stages ran but the models do not do what the pipeline requires (the message says which check)."""
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
-    out: str = "runs/smoke"  # data, stage checkpoints and logs go under here
-    sources: tuple[str, ...] = ("demo?max_mb=4",)
-    vocab_size: int = 2048
-    config: str = str(REPO_ROOT / "configs" / "smoke.toml")  # the job config every stage starts from
-    overrides: tuple[str, ...] = ()  # section.key=value applied to every stage
-    stage_overrides: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
-        "stage2-text": ("train.lr=2e-3",), "stage2-code": ("train.lr=2e-3",),
-    })
-    address: str = ""  # a Ray dashboard URL (http://host:8265); empty: start a local head for the run
-    num_cpus: int = 2  # CPUs of the local head
-    eval_batches: int = 8
-    prompt: str = "def "
-    sample_tokens: int = 60
-
-    def __post_init__(self) -> None:
-        # Fail before any job starts: every stage's config must validate.
-        for stage in ("stage1", "stage2-text", "stage2-code", "stage3"):
-            load_job_config(self.config, stage=stage, overrides=[*self._fillers(stage), *self.overrides, *self.stage_overrides.get(stage, ())])
-
-    @staticmethod
-    def _fillers(stage: str) -> list[str]:
-        fillers = ["data.manifest=<prepared>"]
-        if stage.startswith("stage2-"):
-            fillers.append("run.init_from=<stage1>")
-        if stage == "stage3":
-            fillers += ["run.init_from_text=<text>", "run.init_from_code=<code>"]
-        return fillers
+def _info(line: str) -> None:
+    log.info("[pipeline] %s", line)
 
 
-def log(line: str) -> None:
-    print(f"[pipeline] {line}", flush=True)
+def _fillers(stage: str, manifest: str, stages_url: str) -> list[str]:
+    sets = [f"data.manifest={manifest}", f"run.storage_path={stages_url}", "ray.address="]
+    if STAGES[stage].expert is not None:
+        sets.append("run.init_from=run:stage1")
+    if STAGES[stage].trains == "fusion":
+        sets += ["run.init_from_text=run:stage2-text", "run.init_from_code=run:stage2-code"]
+    return sets
 
 
-def free_port() -> int:
-    """A TCP port on loopback that was free a moment ago (for servers this machine starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def stage_configs(values: Mapping[str, Any], overrides: Sequence[str], out: str) -> dict[str, Config]:
+    """Every stage's resolved config, checked before any job starts (the inputs later jobs make are filled in)."""
+    stages_url = storage.join(out, "stages")
+    configs = {stage: resolve(values, stage=stage,
+                              overrides=[*overrides, *_fillers(stage, storage.join(out, "data", "manifest.json"), stages_url)])
+               for stage in STAGE_NAMES}
+    for stage, cfg in configs.items():
+        if cfg.engine.kind != "deepspeed":
+            raise ConfigError(f"the pipeline runs every stage as a Ray Train job: set engine.kind='deepspeed' "
+                              f"(the {stage} config has {cfg.engine.kind!r})")
+    return configs
 
 
-class LocalRayHead:
-    """`ray start --head --block` as a child process; stopped by its PID (process group) on exit."""
-
-    def __init__(self, num_cpus: int, log_path: Path, *, env: dict[str, str] | None = None) -> None:
-        self.num_cpus, self.log_path, self.extra_env = num_cpus, log_path, env or {}
-        self.gcs = f"127.0.0.1:{free_port()}"
-        self.dashboard = f"http://127.0.0.1:{free_port()}"
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self) -> LocalRayHead:
-        ray_bin = Path(sys.executable).with_name("ray")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
-        self.env = {**os.environ, **self.extra_env, "RAY_AUTH_MODE": "disabled"}
-        self.process = subprocess.Popen(
-            [str(ray_bin), "start", "--head", "--block", f"--port={self.gcs.rsplit(':', 1)[1]}", f"--num-cpus={self.num_cpus}",
-             "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}", "--disable-usage-stats"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-        )
-        deadline = time.monotonic() + 180
-        while subprocess.run([str(ray_bin), "status", f"--address={self.gcs}"], capture_output=True, env=self.env).returncode:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"the local Ray head did not start; see {self.log_path}")
-            time.sleep(1)
-        from ray.job_submission import JobSubmissionClient
-
-        while True:  # the dashboard's job API comes up a little after the GCS
-            try:
-                JobSubmissionClient(self.dashboard).list_jobs()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    self.__exit__()
-                    raise
-                time.sleep(1)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self._log.close()
-
-
-class JobRunner:
-    """Submits `python -m launchers.X` entrypoints as Ray jobs and streams their logs.
-
-    ship_code: upload the repository as the job's working_dir (a remote cluster). A head started by
-    this machine reads the code where it is, through PYTHONPATH, which also sidesteps Ray dropping a
-    shared working_dir package between two jobs (RuntimeEnvSetupError). Jobs that fail while setting
-    up their runtime environment are submitted again, up to `retries` times.
-    """
-
-    def __init__(self, dashboard: str, logs: Path, *, ship_code: bool, retries: int = 2) -> None:
-        from ray.job_submission import JobSubmissionClient
-
-        self.client, self.logs, self.ship_code, self.retries = JobSubmissionClient(dashboard), logs, ship_code, retries
-        self.specs: dict[str, tuple[str, list[str]]] = {}
-        logs.mkdir(parents=True, exist_ok=True)
-
-    def submit(self, name: str, module: str, args: list[str]) -> str:
-        self.specs[name] = (module, args)
-        env_vars = {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-        if self.ship_code:
-            runtime_env = {"working_dir": str(REPO_ROOT), "excludes": [".git", ".venv", "runs", ".cache", "**/__pycache__"]}
-            entrypoint = shlex.join([sys.executable, "-m", module, *args])
-        else:
-            env_vars["PYTHONPATH"] = str(REPO_ROOT)
-            runtime_env = {}
-            entrypoint = f"cd {shlex.quote(str(REPO_ROOT))} && " + shlex.join([sys.executable, "-m", module, *args])
-        job_id = self.client.submit_job(entrypoint=entrypoint, runtime_env={**runtime_env, "env_vars": env_vars},
-                                        submission_id=f"{name}-{time.time_ns()}")
-        log(f"submitted {name} as Ray job {job_id}")
-        return job_id
-
-    def wait(self, jobs: dict[str, str], *, echo: tuple[str, ...] = ("[stage",)) -> None:
-        """Wait for all jobs, echoing stage lines from their logs; raise if any did not succeed."""
-        from ray.job_submission import JobStatus
-
-        printed = {name: 0 for name in jobs}
-        last_echo = {name: "" for name in jobs}
-        retries = {name: self.retries for name in jobs}
-        pending = dict(jobs)
-        while pending:
-            time.sleep(2)
-            for name, job_id in list(pending.items()):
-                status = self.client.get_job_status(job_id)  # before the logs, so a finished job's logs are complete
-                text = self.client.get_job_logs(job_id)
-                lines = text.splitlines()
-                for line in lines[printed[name]:]:
-                    # Worker lines arrive as "(RayTrainWorker pid=N) [stage1] ...", coloured.
-                    line = _WORKER_PREFIX.sub("", _ANSI.sub("", line))
-                    if (any(mark in line for mark in echo) or "Error" in line) and line != last_echo[name]:
-                        print(f"  {name} | {line}", flush=True)
-                        last_echo[name] = line
-                printed[name] = len(lines)
-                if status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-                    continue
-                (self.logs / f"{name}.log").write_text(text)
-                del pending[name]
-                if status == JobStatus.SUCCEEDED:
-                    continue
-                message = self.client.get_job_info(job_id).message or ""
-                if "RuntimeEnvSetupError" in text + message and retries[name] > 0:
-                    retries[name] -= 1
-                    log(f"{name}: Ray could not set up the job's runtime environment; submitting it again")
-                    pending[name] = self.submit(name, *self.specs[name])
-                    printed[name], last_echo[name] = 0, ""
-                    continue
-                raise RuntimeError(f"Ray job {job_id} ({name}) ended {status}; its full log is {self.logs / (name + '.log')}")
-
-
-def _stage_args(cfg: PipelineConfig, stage: str, extra: list[str]) -> list[str]:
-    sets = [*extra, *cfg.overrides, *cfg.stage_overrides.get(stage, ())]
-    return ["--stage", stage, "--config", cfg.config, *[arg for s in sets for arg in ("--set", s)]]
-
-
-def run_pipeline(cfg: PipelineConfig) -> dict:
-    out = Path(cfg.out).resolve()
-    storage_path = out / "stages"
+def run_pipeline(values: Mapping[str, Any], *, config_path: str | None, overrides: Sequence[str]) -> dict[str, Any]:
+    """Run everything; returns the report (also written to <out>/report.json)."""
+    cfg = resolve(values, overrides=overrides)
+    out = storage.absolute(cfg.pipeline.out)
+    configs = stage_configs(values, overrides, out)
+    data_url, stages_url, logs_url = (storage.join(out, part) for part in ("data", "stages", "logs"))
+    manifest = storage.join(data_url, "manifest.json")
+    storage.check_writable_location(out)
+    head = None
+    if not cfg.pipeline.address:
+        for stage, stage_cfg in configs.items():
+            need = stage_cfg.scaling.num_workers * stage_cfg.scaling.cpus_per_worker
+            if need > cfg.pipeline.num_cpus:
+                raise ConfigError(f"{stage} needs {need:g} CPUs ({stage_cfg.scaling.num_workers} workers x "
+                                  f"{stage_cfg.scaling.cpus_per_worker:g}) but the local head gets "
+                                  f"pipeline.num_cpus={cfg.pipeline.num_cpus}: raise it or lower scaling.num_workers")
     started = time.perf_counter()
-    head = None if cfg.address else LocalRayHead(cfg.num_cpus, out / "logs" / "ray-head.log").__enter__()
+    report: dict[str, Any] = {"out": out, "stages": {}, "config": cfg.to_dict(), "versions": _versions()}
+    runner = None
     try:
-        dashboard = cfg.address or head.dashboard
-        if head is not None:
-            log(f"started a local Ray head: {head.gcs} (jobs at {head.dashboard})")
-        runner = JobRunner(dashboard, out / "logs", ship_code=head is None)
-        stage_seq = load_job_config(cfg.config, stage="stage1", overrides=[*PipelineConfig._fillers("stage1"), *cfg.overrides]).train.seq_len
+        if not cfg.pipeline.address:
+            head = LocalRayHead(cfg.pipeline.num_cpus, Path(tempfile.mkdtemp(prefix="mmrec-pipeline-")) / "ray-head.log")
+            head.__enter__()
+            _info(f"started a local Ray head: {head.gcs} (jobs at {head.dashboard}; pid {head.pid})")
+        runner = JobRunner(cfg.pipeline.address or head.dashboard, logs_url, ship_code=head is None,
+                           schedule_timeout_s=cfg.ray.schedule_timeout_s)
+        common = (["--config", config_path] if config_path else []) + [a for o in overrides for a in ("--set", o)]
 
-        log(f"prep: {', '.join(cfg.sources)} -> {out / 'data'} (vocab {cfg.vocab_size}, seq_len {stage_seq})")
+        seq_len = configs["stage1"].train.seq_len
+        _info(f"prep: {', '.join(cfg.prep.sources)} -> {data_url} (vocab {cfg.prep.vocab_size}, seq_len {seq_len})")
         tick = time.perf_counter()
-        prep_args = [arg for source in cfg.sources for arg in ("--source", source)]
-        prep_args += ["--out", str(out / "data"), "--vocab-size", str(cfg.vocab_size), "--seq-len", str(stage_seq), "--no-progress"]
-        runner.wait({"prep": runner.submit("prep", "launchers.prep", prep_args)}, echo=("prep:",))
-        manifest = str(out / "data" / "manifest.json")
-        log(f"prep done in {time.perf_counter() - tick:.0f}s: {manifest}")
-        common = [f"data.manifest={manifest}", f"run.storage_path={storage_path}"]
+        runner.submit("prep", "launchers.prep", [*common, "--set", f"prep.out={data_url}", "--set",
+                                                 f"prep.seq_len={seq_len}", "--set", "prep.progress=false",
+                                                 "--set", "ray.address="])
+        runner.wait(["prep"], echo=("prep:", "[prep"))
+        report["prep_seconds"] = time.perf_counter() - tick
+        _info(f"prep done in {report['prep_seconds']:.0f}s: {manifest}")
 
-        def export_of(stage: str) -> str:
-            point = checkpoints.find_resume_point(str(storage_path), stage)
-            if point is None:
-                raise RuntimeError(f"{stage} left no complete checkpoint under {storage_path}")
-            return str(point.directory / checkpoints.EXPORT_DIR)
-
-        def run(stages: dict[str, list[str]]) -> None:
+        def run(stages: list[str]) -> None:
             tick = time.perf_counter()
-            jobs = {stage: runner.submit(stage, "launchers.train", _stage_args(cfg, stage, common + extra)) for stage, extra in stages.items()}
-            runner.wait(jobs)
             for stage in stages:
-                metrics = checkpoints.verify_complete(Path(export_of(stage)).parent)["metrics"]
-                log(f"{stage} finished ({time.perf_counter() - tick:.0f}s): validation perplexity "
-                    f"{metrics.get('val_perplexity', float('nan')):.2f} (loss {metrics.get('val_loss', float('nan')):.4f})")
+                runner.submit(stage, "launchers.train",
+                              ["--stage", stage, *common, *[a for f in _fillers(stage, manifest, stages_url)
+                                                             for a in ("--set", f)]])
+            runner.wait(stages)
+            for stage in stages:
+                report["stages"][stage] = _stage_summary(stages_url, stage, time.perf_counter() - tick)
+                best = report["stages"][stage].get("best_val_loss")
+                _info(f"{stage} finished in {report['stages'][stage]['seconds']:.0f}s"
+                      + (f": best validation loss {best:.4f}" if best is not None else ""))
 
-        run({"stage1": []})
-        base = export_of("stage1")
-        stage2 = {s: [f"run.init_from={base}"] for s in ("stage2-text", "stage2-code")}
-        job = load_job_config(cfg.config, stage="stage2-text", overrides=[*PipelineConfig._fillers("stage2-text"), *cfg.overrides])
-        needed = 2 * job.scaling.num_workers * job.scaling.cpus_per_worker
-        # On a cluster of our own we know its size; a given cluster is trusted to queue the second job's workers.
-        available = cfg.num_cpus if head is not None else float("inf")
-        if available >= needed:
-            log("stage2-text and stage2-code run side by side")
-            run(stage2)
+        run(["stage1"])
+        second = ["stage2-text", "stage2-code"]
+        need = sum(configs[s].scaling.num_workers * configs[s].scaling.cpus_per_worker for s in second)
+        if head is None or cfg.pipeline.num_cpus >= need:
+            _info("stage2-text and stage2-code run side by side")
+            run(second)
         else:
-            log(f"stage2-text and stage2-code run one after the other (the cluster has {available:g} CPUs, both need {needed:g})")
-            for stage, extra in stage2.items():
-                run({stage: extra})
-        run({"stage3": [f"run.init_from_text={export_of('stage2-text')}", f"run.init_from_code={export_of('stage2-code')}"]})
+            _info(f"stage2-text and stage2-code run one after the other (the head has {cfg.pipeline.num_cpus} CPUs, "
+                  f"both need {need:g})")
+            for stage in second:
+                run([stage])
+        run(["stage3"])
 
-        report = evaluate_exports(manifest, {s: export_of(s) for s in ("stage1", "stage2-text", "stage2-code", "stage3")}, cfg.eval_batches)
-        sample = sample_text(export_of("stage3"), cfg.prompt, cfg.sample_tokens)
-        log(f"sample from the fused model, prompt {cfg.prompt!r}:\n{cfg.prompt}{sample}\n")
+        from mmrec.train.checkpoint import resolve_export
+
+        exports = {stage: resolve_export(f"run:{stage}", stages_url) for stage in STAGE_NAMES}
+        evaluation = evaluate_pipeline(manifest, exports, cfg.pipeline.eval_batches)
+        report["evaluation"] = evaluation
+        storage.write_text(storage.join(out, "evaluation.json"), json.dumps(evaluation, indent=1) + "\n")
+        report["verdicts"] = verdicts(evaluation, cfg.pipeline.fusion_slack)
+        report["sample"] = {"prompt": cfg.pipeline.prompt,
+                            "text": sample_text(exports["stage3"], cfg.pipeline.prompt, cfg.pipeline.sample_tokens)}
+        _info(f"sample from the fused model, prompt {cfg.pipeline.prompt!r}:\n{cfg.pipeline.prompt}{report['sample']['text']}\n")
         report["seconds"] = time.perf_counter() - started
-        log(f"pipeline finished in {report['seconds']:.0f}s; outputs under {out}")
-        failures = [f"{domain}: expert {r['expert']:.4f} >= base {r['base']:.4f}" for domain, r in report["stage2_vs_base"].items() if not r["expert"] < r["base"]]
-        if failures:
-            raise PipelineCheckFailed("stage 2 did not lower its own domain's validation loss below the base: " + "; ".join(failures))
+        write_report(out, report)
+        _info(f"pipeline finished in {report['seconds']:.0f}s; outputs under {out} (report.json, report.png)")
+        failed = [v["check"] for v in report["verdicts"] if not v["passed"]]
+        if failed:
+            raise PipelineCheckFailed("; ".join(failed))
         return report
+    except BaseException:
+        if runner is not None and runner.running:
+            runner.stop_all()
+        raise
     finally:
         if head is not None:
             head.__exit__()
 
 
-def evaluate_exports(manifest: str, exports: dict[str, str], eval_batches: int) -> dict:
-    """Validation loss/perplexity of every export; stage-2 experts against the base on their domain."""
-    from mmrec.data import ShardLoader
-    from mmrec.train import build_from_export, evaluate, read_export
+def _stage_summary(stages_url: str, stage: str, seconds: float) -> dict[str, Any]:
+    from mmrec.train.records import read_records
 
-    def val_batches(domains: tuple[str, ...]) -> list[dict]:
-        loader = ShardLoader(manifest, domains, split="val", micro_batch_size=8, infinite=False, prefetch=False)
-        batches = []
-        for batch in loader:
-            batches.append(batch)
-            if len(batches) == eval_batches:
-                break
-        return batches
+    records = read_records(storage.join(stages_url, stage))
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    summary: dict[str, Any] = {"seconds": seconds, "run": storage.join(stages_url, stage)}
+    if train:
+        summary.update(steps=train[-1]["step"], tokens=train[-1]["tokens"], final_train_loss=train[-1]["loss"],
+                       tokens_per_s=sum(r["tokens_per_s"] for r in train) / len(train),
+                       mfu=sum(r["mfu"] for r in train) / len(train))
+    if evals:
+        best = min(evals, key=lambda r: r["val_loss"])
+        summary.update(best_val_loss=best["val_loss"], best_val_perplexity=best["val_perplexity"], best_step=best["step"])
+    return summary
 
-    models = {stage: build_from_export(read_export(path)) for stage, path in exports.items()}
-    text, code, mixed = val_batches(("text",)), val_batches(("code",)), val_batches(("text", "code"))
-    expert = lambda m: (lambda ids: m(ids)[0])  # noqa: E731
-    rows, comparison = [], {}
-    for domain, batches in (("text", text), ("code", code)):
-        base = evaluate(models["stage1"], batches, expert(models["stage1"]))
-        tuned = evaluate(models[f"stage2-{domain}"], batches, expert(models[f"stage2-{domain}"]))
-        comparison[domain] = {"base": base.loss, "expert": tuned.loss}
-        rows.append((f"stage1 base on {domain}", base))
-        rows.append((f"stage2-{domain} on {domain}", tuned))
-    fused = models["stage3"]
-    rows.append(("stage1 base on mixed", evaluate(models["stage1"], mixed, expert(models["stage1"]))))
-    rows.append(("stage3 fused on mixed", evaluate(fused, mixed, lambda ids: fused(ids, expert=None)[0])))
-    log("validation (same batches for every model):")
-    print(f"  {'model / data':28s} {'loss':>8s} {'ppl':>9s} {'acc':>6s}")
-    for name, result in rows:
-        print(f"  {name:28s} {result.loss:8.4f} {result.perplexity:9.2f} {result.accuracy:6.3f}")
-    for domain, r in comparison.items():
-        verdict = "lower, as required" if r["expert"] < r["base"] else "NOT lower"
-        log(f"stage 2 vs base on {domain}: {r['expert']:.4f} vs {r['base']:.4f} ({verdict})")
-    return {"validation": {name: result.loss for name, result in rows}, "stage2_vs_base": comparison}
+
+def evaluate_pipeline(manifest: str, exports: dict[str, str], eval_batches: int) -> dict[str, Any]:
+    """Every model on every domain on the same validation batches, plus the oracle-routed experts on mixed."""
+    from mmrec.evaluation import oracle_routed, path_forward, score_rows, validation_batches
+    from mmrec.train.export import build_from_export, read_export
+
+    data = {"text": validation_batches(manifest, ("text",), max_batches=eval_batches),
+            "code": validation_batches(manifest, ("code",), max_batches=eval_batches),
+            "mixed": validation_batches(manifest, ("text", "code"), max_batches=eval_batches)}
+    models = {"base": (build_from_export(read_export(exports["stage1"])), "expert"),
+              "text expert": (build_from_export(read_export(exports["stage2-text"])), "expert"),
+              "code expert": (build_from_export(read_export(exports["stage2-code"])), "expert")}
+    fused_model = build_from_export(read_export(exports["stage3"]))
+    models["fused"] = (fused_model, "fused")
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    rows: dict[tuple[str, str], Any] = {}
+    for name, (model, path) in models.items():
+        table[name] = {}
+        for domain, batches in data.items():
+            rows[name, domain] = score_rows(path_forward(model, path), batches)
+            result = rows[name, domain].result()
+            table[name][domain] = {"loss": result.loss, "perplexity": result.perplexity, "accuracy": result.accuracy,
+                                   "tokens": result.tokens}
+    oracle = oracle_routed({"text": rows["text expert", "mixed"], "code": rows["code expert", "mixed"]})
+    table["oracle-routed experts"] = {"mixed": {"loss": oracle.loss, "perplexity": oracle.perplexity,
+                                                "accuracy": oracle.accuracy, "tokens": oracle.tokens}}
+    _info("validation loss (nats/token; same batches for every model):")
+    print(f"  {'model':24s} {'text':>8s} {'code':>8s} {'mixed':>8s}", flush=True)
+    for name, scores in table.items():
+        cells = [f"{scores[d]['loss']:8.4f}" if d in scores else f"{'':8s}" for d in ("text", "code", "mixed")]
+        print(f"  {name:24s} {' '.join(cells)}", flush=True)
+    return table
+
+
+def verdicts(table: dict[str, Any], slack: float) -> list[dict[str, Any]]:
+    """The pipeline's checks on the evaluation table, each with its figures and whether it passed."""
+    loss = {name: {d: v["loss"] for d, v in scores.items()} for name, scores in table.items()}
+    checks = []
+
+    def check(passed: bool, text: str) -> None:
+        checks.append({"check": text, "passed": bool(passed)})
+        _info(f"{'PASS' if passed else 'FAIL'}: {text}")
+
+    for domain in ("text", "code"):
+        expert, base = loss[f"{domain} expert"][domain], loss["base"][domain]
+        check(expert < base, f"the {domain} expert beats the base on {domain}: {expert:.4f} < {base:.4f}")
+        fused = loss["fused"][domain]
+        check(fused <= expert + slack,
+              f"the fused model is no worse than the {domain} expert on {domain}: {fused:.4f} <= {expert:.4f} + {slack}")
+    fused, oracle = loss["fused"]["mixed"], loss["oracle-routed experts"]["mixed"]
+    best_single = min(loss["text expert"]["mixed"], loss["code expert"]["mixed"])
+    check(fused < best_single, f"the fused model beats both experts on mixed data: {fused:.4f} < {best_single:.4f}")
+    check(fused <= oracle + slack,
+          f"the fused model matches the oracle-routed experts on mixed data: {fused:.4f} <= {oracle:.4f} + {slack}")
+    return checks
 
 
 def sample_text(export: str, prompt: str, tokens: int) -> str:
-    from mmrec.train import build_from_export, generate, load_tokenizer, read_export, step_fn_for
+    from core.tokenizer import load_tokenizer
+    from mmrec.train.export import build_from_export, read_export
+    from mmrec.train.generate import generate, step_fn_for
 
-    model = build_from_export(read_export(export))
-    tokenizer = load_tokenizer(export)
+    loaded = read_export(export)
+    model, tokenizer = build_from_export(loaded), load_tokenizer(loaded.directory)
     ids = generate(step_fn_for(model, None), tokenizer.encode(prompt), tokens, temperature=0.8, top_k=40, seed=0)
     return tokenizer.decode(ids)
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+    import ray
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "deepspeed": deepspeed.__version__, "git_commit": commit or "unknown", "machine": platform.machine()}
+
+
+def write_report(out: str, report: dict[str, Any]) -> None:
+    """report.json and report.png (every stage's loss curves on one sheet) into the pipeline's directory."""
+    from mmrec.train.records import plot_losses, read_records
+
+    storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=1, default=str) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=100)
+    for ax, stage in zip(axes.flat, STAGE_NAMES):
+        if not plot_losses(read_records(storage.join(out, "stages", stage)), Path(), stage, ax=ax):
+            ax.set_title(f"{stage}: no records")
+    figure.suptitle("MM-Rec pipeline: training and validation loss per stage")
+    figure.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        figure.savefig(Path(tmp) / "report.png")
+        plt.close(figure)
+        storage.write_bytes(storage.join(out, "report.png"), (Path(tmp) / "report.png").read_bytes())

@@ -1,10 +1,17 @@
-"""One small object-store layer: plain paths / file:// URLs and s3:// URLs behind the same functions.
+"""The one storage layer: plain paths / file:// URLs and s3:// URLs behind the same functions.
 
-S3 goes through boto3, which already honours AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION and AWS_PROFILE. Every write is atomic: a local file
-is written under a temporary name and os.replace()d; an S3 object only becomes visible when its
-(multipart) upload completes. Failures that a user can fix (wrong credentials, missing bucket,
-unreachable endpoint, missing object) are raised as StorageError with a message saying what to do.
+Prep, the training loader, checkpoints, exports and run records all go through it. S3 goes through
+boto3 with the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_S3 before AWS_ENDPOINT_URL); `forwarded_env()`
+lists them for Ray jobs and workers, and `pyarrow_filesystem()` hands Ray Train's checkpoint upload
+a filesystem built from the same settings.
+
+Every write is atomic: a local file is written under a temporary name and os.replace()d, a local
+directory is built aside and renamed into place; an S3 object only becomes visible when its
+(multipart) upload completes, and a directory on S3 is made visible by whatever names it (a
+checkpoint's completion markers, an export pointer) being written last. Failures that a user can fix
+(wrong credentials, missing bucket, unreachable endpoint, missing object) are raised as StorageError
+with a message saying what to do.
 """
 from __future__ import annotations
 
@@ -13,8 +20,10 @@ import fnmatch
 import io
 import os
 import random
+import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -87,7 +96,7 @@ def _client():
         config = Config(
             retries={"max_attempts": settings.max_attempts, "mode": "standard"},
             s3={"addressing_style": style},
-            connect_timeout=10,
+            connect_timeout=5,
             read_timeout=60,
         )
         client = boto3.session.Session().client(
@@ -164,7 +173,7 @@ def _explain(exc: BaseException, url: str) -> StorageError:
                             f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
     if isinstance(exc, EndpointConnectionError):
         return StorageError(f"cannot reach the S3 endpoint {endpoint} for {url}: check "
-                            f"AWS_ENDPOINT_URL and that the server is running")
+                            f"AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and that the server is running")
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         if code in _CREDENTIAL_CODES:
@@ -329,3 +338,170 @@ def list_files(url: str, pattern: str | None = None) -> list[str]:
     if pattern is not None:
         relative = [rel for rel in relative if fnmatch.fnmatch(rel, pattern)]
     return [join(base, rel) for rel in sorted(relative)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Text, directories and pointers (checkpoints, exports, run records)
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode()
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode())
+
+
+def list_dirs(url: str) -> list[str]:
+    """Names of the immediate sub-directories (S3: common prefixes) of `url`, sorted; [] if none."""
+    base = url.rstrip("/")
+    if is_s3(base):
+        bucket, prefix = split_s3(base)
+        prefix = f"{prefix}/" if prefix else ""
+
+        def list_prefixes() -> list[str]:
+            names = []
+            pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+            for page in pages:
+                names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            return names
+
+        return sorted(with_retries(list_prefixes, what=base))
+    root = local_path(base)
+    if not os.path.isdir(root):
+        return []
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".tmp-"))
+
+
+def publish_local_dir(tmp: str | Path, final: str | Path) -> None:
+    """Move a fully written local directory into place, replacing an older one of the same name."""
+    tmp, final = Path(tmp), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        # os.replace cannot replace a non-empty directory: move the old one aside first.
+        trash = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def upload_dir(local_dir: str | Path, url: str) -> None:
+    """Copy the local directory `local_dir` to `url`, replacing what is there.
+
+    Local: copied beside the target, fsynced and renamed into place, so readers see the old or the
+    new directory. S3: every file uploaded (multipart when large); readers must only trust the
+    directory once whatever points at it has been written after this returns.
+    """
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise StorageNotFound(f"{local_dir} is not a directory")
+    if is_s3(url):
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            write_bytes(join(url, path.relative_to(local_dir).as_posix()), path.read_bytes())
+        return
+    final = Path(local_path(url))
+    if final.resolve() == local_dir.resolve():
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        shutil.copytree(local_dir, tmp, dirs_exist_ok=True)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        publish_local_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def download_dir(url: str, local_dir: str | Path) -> Path:
+    """A local copy of the directory `url` in `local_dir` (replaced if present); StorageNotFound if empty."""
+    local_dir = Path(local_dir)
+    files = list_files(url)
+    if not files:
+        raise StorageNotFound(f"{url} holds no files")
+    if local_dir.exists():
+        shutil.rmtree(local_dir)
+    base = url.rstrip("/")
+    for file_url in files:
+        target = local_dir / file_url[len(base) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read_bytes(file_url))
+    return local_dir
+
+
+def localize(url: str, cache_dir: str | Path) -> Path:
+    """A local directory holding `url`: the directory itself when local, a download under cache_dir for S3."""
+    if not is_s3(url):
+        path = Path(local_path(url))
+        if not path.is_dir():
+            raise StorageNotFound(f"{url} is not a directory")
+        return path
+    return download_dir(url, Path(cache_dir) / url.rstrip("/").rsplit("/", 1)[-1])
+
+
+def delete_tree(url: str) -> None:
+    """Remove the directory / prefix `url` and everything under it (nothing if it does not exist)."""
+    if is_s3(url):
+        bucket, _ = split_s3(url)
+        try:
+            files = list_files(url)
+        except StorageNotFound:
+            return
+        for start in range(0, len(files), 1000):
+            keys = [{"Key": split_s3(f)[1]} for f in files[start:start + 1000]]
+            with_retries(lambda: _client().delete_objects(Bucket=bucket, Delete={"Objects": keys}), what=url)
+        return
+    shutil.rmtree(local_path(url), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Handing the same settings to Ray
+
+
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_CA_BUNDLE",
+)
+
+
+def forwarded_env() -> dict[str, str]:
+    """The AWS variables set in this process, to pass on to Ray jobs and Train workers."""
+    return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+
+
+def absolute(url: str) -> str:
+    """Local paths made absolute (Ray Train and jobs run elsewhere); URLs unchanged."""
+    return url if "://" in url and not url.startswith("file://") else os.path.abspath(local_path(url))
+
+
+def pyarrow_filesystem(url: str):
+    """(pyarrow filesystem, path inside it) for Ray Train's RunConfig, from this layer's settings."""
+    import pyarrow.fs as pafs
+
+    if not is_s3(url):
+        return pafs.LocalFileSystem(), absolute(url)
+    settings = current_s3_settings()
+    options: dict = dict(
+        access_key=settings.access_key_id, secret_key=settings.secret_access_key,
+        session_token=settings.session_token, region=settings.region or "us-east-1",
+        # Path-style addressing: S3 servers outside AWS rarely serve bucket subdomains.
+        force_virtual_addressing=False,
+    )
+    if settings.endpoint_url:
+        scheme, _, host = settings.endpoint_url.partition("://")
+        options.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return pafs.S3FileSystem(**options), url.removeprefix("s3://").rstrip("/")

@@ -1,45 +1,84 @@
-"""`python -m launchers.generate --checkpoint EXPORT_DIR --prompt "..." --max-new-tokens N
-[--expert text|code|fused] [--temperature T] [--top-k K] [--seed S]`
+"""Sample text from an export, feeding the prompt once and then one token at a time with the recurrent state.
 
-Samples from a weights export (a run's best/ or final/ directory), feeding the prompt once and then
-one token at a time with the recurrent state. The tokenizer is the one stored beside the export.
+    python -m launchers.generate --export runs/smoke/stages/stage3/exports/step_00000060 --prompt "def main("
+    python -m launchers.generate --export run:stage3 --set run.storage_path=runs/smoke/stages --num-samples 3 --top-p 0.9
+
+--export is an export directory (path or s3://) or run:<name>[@best|@latest] under run.storage_path.
+A fused (stage-3) export samples through the fusion by default; --path text|code picks one expert.
+Sampling: temperature (0 = greedy), top-k, top-p; it stops at the end-of-text token unless
+--no-stop-at-eos. The tokenizer is the one stored beside the export.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from mmrec.train.byte_tokenizer import load_tokenizer
-from mmrec.train.export import build_from_export, read_export
-from mmrec.train.generate import generate, step_fn_for
+from launchers.cli import Alias, UsageError, load, parser_for, prog_name, run
+
+ALIASES = (
+    Alias("--export", "generate.export", "export directory, or run:<name>[@best|@latest]"),
+    Alias("--prompt", "generate.prompt", "the text to continue"),
+    Alias("--max-new-tokens", "generate.max_new_tokens", "tokens to sample", int),
+    Alias("--temperature", "generate.temperature", "0 = greedy", float),
+    Alias("--top-k", "generate.top_k", "sample among the k most likely tokens (0: off)", int),
+    Alias("--top-p", "generate.top_p", "nucleus sampling (1: off)", float),
+    Alias("--num-samples", "generate.num_samples", "independent samples", int),
+    Alias("--seed", "generate.seed", "random seed (-1: fresh)", int),
+    Alias("--path", "generate.path", "auto | fused | text | code"),
+    Alias("--device", "generate.device", "auto | cpu | cuda"),
+    Alias("--no-stop-at-eos", "generate.stop_at_eos", "keep sampling past the end-of-text token", "false"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--checkpoint", required=True, help="export directory (or its model.safetensors)")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--expert", choices=("text", "code", "fused"), default=None,
-                        help="path of a stage-3 model (default: fused); not allowed for single-expert exports")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    prog = prog_name("launchers.generate")
+    parser = parser_for(prog, __doc__, ALIASES)
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 1:
-        parser.error("--max-new-tokens must be >= 1")
-    export = read_export(args.checkpoint)
-    tokenizer = load_tokenizer(export.directory)
-    model = build_from_export(export)
-    expert = None if args.expert in (None, "fused") else args.expert
-    if export.kind == "expert" and args.expert is not None:
-        parser.error(f"{args.checkpoint} is a single expert ({export.info['stage']}); drop --expert")
-    prompt_ids = tokenizer.encode(args.prompt)
-    new_ids = generate(step_fn_for(model, expert), prompt_ids, args.max_new_tokens,
-                       temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    print(args.prompt + tokenizer.decode(new_ids))
-    return 0
+    cfg = load(parser, args, sections=("generate", "run"), paths=("generate.export", "run.storage_path"))
+    options = cfg.generate
+    if not options.export:
+        parser.error("no export given: pass --export DIR (or run:<name>)")
+    if not options.prompt:
+        parser.error("the prompt is empty: pass --prompt TEXT (the model has no begin-of-text token to start from)")
+
+    def body() -> int:
+        import torch
+
+        from core.tokenizer import load_tokenizer
+        from mmrec.train.checkpoint import resolve_export
+        from mmrec.train.export import build_from_export, read_export
+        from mmrec.train.generate import generate, step_fn_for
+
+        try:
+            url = resolve_export(options.export, cfg.run.storage_path)
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(str(error)) from None
+        export = read_export(url)
+        if export.kind == "expert" and options.path in ("text", "code"):
+            raise UsageError(f"{options.export} is a single expert ({export.info.get('stage')}); --path applies to a "
+                             "fused (stage-3) export")
+        device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda, but this machine has no CUDA device")
+        tokenizer = load_tokenizer(export.directory)
+        model = build_from_export(export).to(device)
+        if model.config.vocab_size != tokenizer.vocab_size:
+            raise UsageError(f"{options.export}: the model has {model.config.vocab_size} output tokens but its "
+                             f"tokenizer {tokenizer.vocab_size} pieces; re-export it from a run of this dataset")
+        path = None if options.path in ("auto", "fused") else options.path
+        prompt_ids = tokenizer.encode(options.prompt)
+        for sample in range(options.num_samples):
+            seed = None if options.seed < 0 else options.seed + sample
+            ids = generate(step_fn_for(model, path), prompt_ids, options.max_new_tokens,
+                           temperature=options.temperature, top_k=options.top_k or None, top_p=options.top_p,
+                           seed=seed, stop_id=tokenizer.eos_id if options.stop_at_eos else None, device=device)
+            if options.num_samples > 1:
+                print(f"--- sample {sample + 1}/{options.num_samples}")
+            print(options.prompt + tokenizer.decode(ids))
+        return 0
+
+    from mmrec.train.export import ExportError
+
+    return run(prog, body, usage_errors=(ExportError, FileNotFoundError))
 
 
 if __name__ == "__main__":

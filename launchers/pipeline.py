@@ -1,46 +1,70 @@
-"""The whole pipeline on one Ray cluster: prep, the four stage jobs, evaluation and a sample.
+"""The whole pipeline on Ray: prep -> stage1 -> stage2-text + stage2-code -> stage3 -> evaluation -> sample.
 
-    python -m launchers.pipeline                      # the CPU smoke run: demo corpus, tiny model, 2 workers, ZeRO-2 + offload
-    python -m launchers.pipeline --address http://head:8265 --config configs/my.toml --set train.max_steps=1000
+    python -m launchers.pipeline                                   # `make smoke`: configs/smoke.toml
+    python -m launchers.pipeline --config configs/smoke.toml --set train.max_steps=20 --out runs/quick
+    python -m launchers.pipeline --address http://head:8265 --out s3://bucket/runs/smoke
 
-Exit code 0 only when every stage finished and each stage-2 expert beat the base on its own domain.
+Every stage is a Ray job of the same `launchers.train` command a user would submit, with the same
+--config and --set values. Without --address the pipeline starts (and stops) a local Ray head.
+Exit code 1 when a stage or a check on the final evaluation table fails, 2 for input problems;
+SIGINT/SIGTERM stop every job it started and the head.
 """
 from __future__ import annotations
 
-import argparse
+import logging
+import signal
 import sys
+from pathlib import Path
 
-from cluster import ConfigError
-from cluster.pipeline import PipelineCheckFailed, PipelineConfig, run_pipeline
+from launchers.cli import Alias, alias_values, parser_for, prog_name, run, setup_logging
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+ALIASES = (
+    Alias("--out", "pipeline.out", "where data, stage runs and the report go (path or s3://)"),
+    Alias("--address", "pipeline.address", "the dashboard of an existing Ray cluster (http://host:8265)"),
+    Alias("--num-cpus", "pipeline.num_cpus", "CPUs of the local Ray head", int),
+)
+log = logging.getLogger("launchers.pipeline")
+
+
+def _interrupt(_number: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
-    defaults = PipelineConfig.__dataclass_fields__
-    parser = argparse.ArgumentParser(prog="python -m launchers.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=defaults["out"].default, help="output directory (default %(default)s)")
-    parser.add_argument("--source", action="append", help="prep source (repeatable; default demo?max_mb=4)")
-    parser.add_argument("--vocab-size", type=int, default=defaults["vocab_size"].default)
-    parser.add_argument("--config", default=defaults["config"].default, help="job config for every stage (TOML)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override for every stage, e.g. --set train.max_steps=200")
-    parser.add_argument("--address", default="", help="Ray dashboard URL; default: start a local head for this run")
-    parser.add_argument("--num-cpus", type=int, default=defaults["num_cpus"].default, help="CPUs of the local head")
+    prog = prog_name("launchers.pipeline")
+    parser = parser_for(prog, __doc__, ALIASES)
     args = parser.parse_args(argv)
+    from core.config import ConfigError, read_toml, resolve, resolve_path, toml_text
+    from core.configtree import merge
+
+    config_path = args.config or str(DEFAULT_CONFIG)
     try:
-        cfg = PipelineConfig(
-            out=args.out, vocab_size=args.vocab_size, config=args.config, overrides=tuple(args.overrides),
-            address=args.address, num_cpus=args.num_cpus,
-            **({"sources": tuple(args.source)} if args.source else {}),
-        )
+        values = merge(read_toml(config_path), alias_values(args))
+        if values.get("pipeline", {}).get("out"):
+            values["pipeline"]["out"] = resolve_path(values["pipeline"]["out"])
+        cfg = resolve(values, overrides=args.overrides)
     except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    try:
-        run_pipeline(cfg)
-    except PipelineCheckFailed as error:
-        print(f"[pipeline] FAILED: {error}", file=sys.stderr)
-        return 1
-    return 0
+        parser.error(str(error))
+    if args.print_config:
+        print(toml_text(cfg.to_dict()), end="")
+        return 0
+    setup_logging()
+
+    def body() -> int:
+        from cluster.jobs import JobFailed
+        from cluster.pipeline import PipelineCheckFailed, run_pipeline
+
+        # SIGTERM like Ctrl-C: unwinds through run_pipeline, which stops its jobs and its head.
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            run_pipeline(values, config_path=str(Path(config_path).resolve()), overrides=args.overrides)
+        except (JobFailed, PipelineCheckFailed) as error:
+            print(f"{prog}: FAILED: {error}", file=sys.stderr)
+            return 1
+        return 0
+
+    return run(prog, body)
 
 
 if __name__ == "__main__":

@@ -1,41 +1,53 @@
-"""python -m launchers.prep --source demo --out s3://bucket/run  (also under `ray job submit`).
+"""Prepare a dataset: sources -> SentencePiece tokenizer -> packed shards + manifest.json (as Ray tasks).
 
-Runs datasets_prep as Ray tasks on the cluster in RAY_ADDRESS, or on a fresh local instance.
+    python -m launchers.prep --source demo --out s3://bucket/run --vocab-size 32000 --seq-len 2048
+    python -m launchers.prep --config configs/smoke.toml --set prep.out=runs/data
+
+Runs on the Ray cluster of --set ray.address / RAY_ADDRESS (inside `ray job submit`, the job's own),
+else on a fresh local instance; never on a stale one. The dataset is published in one step: an
+interrupted run leaves the previous dataset in --out intact.
 """
 from __future__ import annotations
 
-import argparse
+import logging
 import sys
 
-from datasets_prep import prepare
-from core.storage import StorageError
+from launchers.cli import Alias, load, parser_for, prog_name, run, setup_logging
+
+ALIASES = (
+    Alias("--source", "prep.sources", "demo[?max_mb=N] | dir:PATH?glob=*.py&domain=code | jsonl:PATH_OR_S3?... "
+          "(see docs/data.md)", "append"),
+    Alias("--out", "prep.out", "output directory: a path, file:// or s3://"),
+    Alias("--vocab-size", "prep.vocab_size", "SentencePiece vocabulary size", int),
+    Alias("--seq-len", "prep.seq_len", "tokens per training sample (the model's train.seq_len)", int),
+    Alias("--tokenizer", "prep.tokenizer", "use this SentencePiece .model instead of training one"),
+    Alias("--no-progress", "prep.progress", "no progress bars", "false"),
+)
+log = logging.getLogger("launchers.prep")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--source", action="append", default=None,
-                        help="repeatable: demo[?max_mb=N] | dir:PATH?glob=*.py&domain=code | "
-                             "jsonl:PATH_OR_S3?glob=*.jsonl (default: demo)")
-    parser.add_argument("--out", required=True, help="output directory: a path, file:// or s3://")
-    parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--val-fraction", type=float, default=0.01)
-    parser.add_argument("--shard-mb", type=float, default=64.0)
-    parser.add_argument("--partition-mb", type=float, default=16.0)
-    parser.add_argument("--tokenizer-sample-mb", type=float, default=16.0)
-    parser.add_argument("--no-progress", action="store_true")
+    prog = prog_name("launchers.prep")
+    parser = parser_for(prog, __doc__, ALIASES)
     args = parser.parse_args(argv)
-    try:
-        manifest_url = prepare(args.source or ["demo"], out=args.out, vocab_size=args.vocab_size,
-                               seq_len=args.seq_len, val_fraction=args.val_fraction,
-                               shard_mb=args.shard_mb, partition_mb=args.partition_mb,
-                               tokenizer_sample_mb=args.tokenizer_sample_mb,
-                               progress=not args.no_progress)
-    except (StorageError, ValueError) as exc:
-        print(f"prep failed: {exc}", file=sys.stderr)
-        return 2
-    print(manifest_url)
-    return 0
+    cfg = load(parser, args, sections=("prep", "ray"), paths=("prep.out", "prep.tokenizer"))
+    if not cfg.prep.out:
+        parser.error("no output directory: pass --out DIR (or set prep.out)")
+    setup_logging()
+
+    def body() -> int:
+        from cluster.ray_connect import connect
+        from core import storage
+        from datasets_prep.pipeline import run_prep
+
+        storage.check_writable_location(cfg.prep.out)  # before Ray starts: a bad bucket fails in a second
+        connect(cfg.ray, runtime_env={"env_vars": storage.forwarded_env()})
+        print(run_prep(cfg.prep))
+        return 0
+
+    from cluster.ray_connect import RayConnectError
+
+    return run(prog, body, usage_errors=(RayConnectError, ValueError))
 
 
 if __name__ == "__main__":

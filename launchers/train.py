@@ -1,42 +1,71 @@
-"""Run one training stage as a Ray Train + DeepSpeed job.
+"""Train one stage: in this process (engine.kind = "torch") or as a Ray Train job of DeepSpeed workers
+(engine.kind = "deepspeed"), with the same loop, checkpoints, exports and records either way.
 
     python -m launchers.train --stage stage1 --config configs/smoke.toml --set data.manifest=runs/data/manifest.json
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m launchers.train --stage stage1 ...
 
-The config is validated before Ray starts: a wrong key is an error naming the key (exit code 2).
+Everything is checked before any work starts (a wrong key, a missing manifest, a tokenizer that
+does not match its hash, a vocabulary that does not fit: exit 2 with the reason). SIGINT/SIGTERM
+in a single-process run write a checkpoint at the next step boundary and stop; run the same
+command again to resume.
 """
 from __future__ import annotations
 
-import argparse
-import json
+import logging
 import sys
 
-from cluster import ConfigError, load_job_config, run_stage
-from mmrec.train import STAGES
+from launchers.cli import load, on_stop_signals, parser_for, prog_name, run, setup_logging
+
+PATHS = ("data.manifest", "run.storage_path", "run.init_from", "run.init_from_text", "run.init_from_code")
+SECTIONS = ("model", "train", "data", "run", "engine", "scaling", "fault_tolerance", "fault", "metrics", "ray")
+log = logging.getLogger("launchers.train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launchers.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=STAGES, help="the stage to run (or stage = ... in the config file)")
-    parser.add_argument("--config", help="TOML job config (see configs/smoke.toml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value, e.g. --set train.lr=1e-4 --set zero.stage=3 (repeatable)")
-    parser.add_argument("--print-config", action="store_true", help="print the validated config as JSON and exit")
+    prog = prog_name("launchers.train")
+    parser = parser_for(prog, __doc__, stage=True)
     args = parser.parse_args(argv)
-    try:
-        job = load_job_config(args.config, stage=args.stage, overrides=args.overrides)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(json.dumps(job.to_dict(), indent=1))
-        return 0
-    result = run_stage(job)
-    print(f"[{result.stage}] done in {result.seconds:.0f}s: checkpoint {result.checkpoint}")
-    print(f"[{result.stage}] export {result.export}")
-    if "val_perplexity" in result.metrics:
-        print(f"[{result.stage}] validation perplexity {result.metrics['val_perplexity']:.2f} (loss {result.metrics['val_loss']:.4f})")
-    return 0
+    cfg = load(parser, args, sections=SECTIONS, paths=PATHS)
+    if not cfg.stage:
+        parser.error("no stage given: pass --stage or set stage = \"...\" in the config file")
+    setup_logging()
+
+    def body() -> int:
+        from mmrec.train.loop import NonFiniteLossError
+
+        if cfg.engine.kind == "deepspeed":
+            from cluster import run_stage
+
+            result = run_stage(cfg)
+            log.info("[%s] done in %.0fs: run %s", result.stage, result.seconds, result.run_url)
+            log.info("[%s] best export %s", result.stage, result.best_export)
+            if "val_perplexity" in result.metrics:
+                log.info("[%s] validation perplexity %.2f (loss %.4f)", result.stage, result.metrics["val_perplexity"],
+                         result.metrics["val_loss"])
+            return 0
+        from mmrec.train.loop import Trainer, metrics_exporter, preflight
+
+        log.info("[%s] %s", cfg.stage, preflight(cfg))
+        exporter = metrics_exporter(cfg, rank=0, world_size=1)
+        trainer = Trainer(cfg, metrics=exporter)
+        on_stop_signals(trainer.request_stop)
+        try:
+            result = trainer.fit()
+        except NonFiniteLossError as error:
+            print(f"{prog}: {error}", file=sys.stderr)
+            return 1
+        finally:
+            if exporter is not None:
+                exporter.close()
+        best = f"best val_loss {result.best_loss:.4f}" if result.best_loss is not None else "no validation"
+        log.info("[%s] %d steps, %s; best export %s", cfg.stage, result.step, best,
+                 result.best_export or result.latest_export)
+        return 0 if result.interrupted is None else 130
+
+    from cluster.ray_connect import RayConnectError
+    from mmrec.train.export import ExportError
+
+    return run(prog, body, usage_errors=(RayConnectError, ExportError))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ dashboard generator and the alert-rule extraction live beside it. Nothing here i
 model or Ray: the hooks receive plain numbers.
 """
 
-from mmrec.metrics.exporter import MetricsConfig, MetricsExporter
+from mmrec.metrics.exporter import ExporterOptions, MetricsExporter
 from mmrec.metrics.server import PortRangeExhaustedError
 
-__all__ = ["MetricsConfig", "MetricsExporter", "PortRangeExhaustedError"]
+__all__ = ["ExporterOptions", "MetricsExporter", "PortRangeExhaustedError"]

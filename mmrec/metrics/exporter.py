@@ -27,7 +27,7 @@ CHECKPOINT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
 @dataclasses.dataclass(frozen=True)
-class MetricsConfig:
+class ExporterOptions:
     """Where and how a worker serves its metrics.
 
     port: first port tried; 0 lets the OS pick any free port. When the port is taken the next
@@ -60,7 +60,7 @@ class MetricsConfig:
             )
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> MetricsConfig:
+    def from_dict(cls, values: Mapping[str, Any]) -> ExporterOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -102,7 +102,7 @@ class MetricsExporter:
         stage: str,
         expert: str,
         rank: int = 0,
-        config: MetricsConfig | None = None,
+        config: ExporterOptions | None = None,
         run_info: Mapping[str, str] | None = None,
     ):
         for label, value in (("stage", stage), ("expert", expert)):
@@ -110,7 +110,7 @@ class MetricsExporter:
                 raise ValueError(f"{label} must be a non-empty string, got {value!r}")
         if not isinstance(rank, int) or rank < 0:
             raise ValueError(f"rank must be an int >= 0, got {rank!r}")
-        self.config = config or MetricsConfig()
+        self.config = config or ExporterOptions()
         self.worker_labels = {"stage": stage, "expert": expert, "rank": str(rank)}
         self.registry = CollectorRegistry(auto_describe=True)
         self._define_metrics()
@@ -221,7 +221,13 @@ class MetricsExporter:
         forward_backward_seconds: float,
         optimizer_seconds: float,
         flops_per_token: float | None = None,
+        peak_flops: float | None = None,
     ) -> None:
+        """One optimizer step of this worker: `tokens` and `samples` are what this worker consumed.
+
+        MFU = flops_per_token x this worker's tokens/s / the peak FLOP/s of its device (`peak_flops`,
+        else the configured one); no MFU is exported when neither is known.
+        """
         _require_non_negative(
             step=step,
             tokens=tokens,
@@ -243,8 +249,9 @@ class MetricsExporter:
         tokens_per_second = tokens / step_seconds
         self._tokens_per_s.set(tokens_per_second)
         self._samples_per_s.set(samples / step_seconds)
-        if flops_per_token is not None and self.config.peak_flops_per_second is not None:
-            self._mfu.set(flops_per_token * tokens_per_second / self.config.peak_flops_per_second)
+        peak = peak_flops or self.config.peak_flops_per_second
+        if flops_per_token is not None and peak:
+            self._mfu.set(flops_per_token * tokens_per_second / peak)
         self._step_duration.observe(step_seconds)
         self._phases["data_wait"].inc(data_wait_seconds)
         self._phases["forward_backward"].inc(forward_backward_seconds)

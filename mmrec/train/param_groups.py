@@ -20,10 +20,11 @@ def block_index(parameter_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def build_param_groups(model: nn.Module, cfg) -> list[dict]:
+def build_param_groups(model: nn.Module, cfg, *, lr_scale: float = 1.0) -> list[dict]:
     """Groups for torch.optim.AdamW: (decay | no decay) x (normal lr | lr * lower_lr_factor).
 
-    Each group carries a "name" so logs and tests can tell them apart; empty groups are dropped.
+    Each group carries a "name" so logs and tests can tell them apart, and its peak lr ("peak_lr":
+    cfg.lr x lr_scale x its factor) that the schedule multiplies every step; empty groups are dropped.
     """
     groups: dict[tuple[bool, bool], list] = {}
     for name, parameter in model.named_parameters():
@@ -40,7 +41,8 @@ def build_param_groups(model: nn.Module, cfg) -> list[dict]:
                 name=f"{'decay' if decay else 'no_decay'}{'_lower_lr' if lower else ''}",
                 params=params,
                 weight_decay=cfg.weight_decay if decay else 0.0,
-                lr=cfg.lr * (cfg.lower_lr_factor if lower else 1.0),
+                lr=cfg.lr * lr_scale * (cfg.lower_lr_factor if lower else 1.0),
+                peak_lr=cfg.lr * lr_scale * (cfg.lower_lr_factor if lower else 1.0),
             )
         )
     if not result:

@@ -11,9 +11,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mmrec.metrics import MetricsConfig, MetricsExporter, PortRangeExhaustedError, names
+from mmrec.metrics import ExporterOptions, MetricsExporter, PortRangeExhaustedError, names
 
-OFFLINE = MetricsConfig(serve=False)
+OFFLINE = ExporterOptions(serve=False)
 
 
 def samples(exporter: MetricsExporter) -> dict[tuple[str, frozenset], float]:
@@ -39,7 +39,7 @@ def step(exporter: MetricsExporter, **overrides) -> None:
 
 
 def test_every_hook_lands_in_its_series():
-    exporter = MetricsExporter(stage="stage2-code", expert="code", rank=3, config=MetricsConfig(serve=False, peak_flops_per_second=1e9))
+    exporter = MetricsExporter(stage="stage2-code", expert="code", rank=3, config=ExporterOptions(serve=False, peak_flops_per_second=1e9))
     step(exporter, flops_per_token=1e5)
     step(exporter, step=2, loss=2.25, tokens=1000, samples=2, step_seconds=0.5, data_wait_seconds=0.1)
     exporter.on_eval(step=2, loss=2.0, perplexity=math.exp(2.0), accuracy=0.4)
@@ -96,7 +96,7 @@ def test_non_finite_loss_is_exported_as_is():
 
 
 def test_exposition_passes_promtool_check_metrics(promtool):
-    exporter = MetricsExporter(stage="stage1", expert="base", config=MetricsConfig(serve=False, peak_flops_per_second=1e12), run_info={"config": "tiny"})
+    exporter = MetricsExporter(stage="stage1", expert="base", config=ExporterOptions(serve=False, peak_flops_per_second=1e12), run_info={"config": "tiny"})
     step(exporter, flops_per_token=1e6)
     exporter.on_eval(step=1, loss=2.0, perplexity=7.4, accuracy=0.3)
     exporter.on_checkpoint(kind="save", seconds=1.0, step=1)
@@ -127,10 +127,10 @@ def test_bad_hook_arguments_and_config_are_rejected():
     with pytest.raises(ValueError, match="accuracy must be a ratio"):
         exporter.on_eval(step=1, loss=1.0, perplexity=2.7, accuracy=40.0)
     with pytest.raises(ValueError, match=r"unknown metrics config key\(s\) \['prot'\]"):
-        MetricsConfig.from_dict({"prot": 9400})
-    assert MetricsConfig.from_dict({"port": 9500}).port == 9500
+        ExporterOptions.from_dict({"prot": 9400})
+    assert ExporterOptions.from_dict({"port": 9500}).port == 9500
     with pytest.raises(ValueError, match="metrics port must be in"):
-        MetricsConfig(port=70000)
+        ExporterOptions(port=70000)
     with pytest.raises(ValueError, match="clash with the worker labels"):
         MetricsExporter(stage="stage1", expert="base", config=OFFLINE, run_info={"rank": "0"})
     with pytest.raises(ValueError, match="rank must be an int"):
@@ -145,7 +145,7 @@ def test_busy_port_moves_to_the_next_and_logs_the_chosen_one(caplog):
         if busy >= 65530:
             pytest.skip("the OS handed out a port at the top of the range; nothing above it to try")
         caplog.set_level(logging.INFO, logger="mmrec.metrics")
-        config = MetricsConfig(port=busy, port_search=4, host="127.0.0.1")
+        config = ExporterOptions(port=busy, port_search=4, host="127.0.0.1")
         with MetricsExporter(stage="stage1", expert="base", rank=0, config=config) as first, MetricsExporter(
             stage="stage1", expert="base", rank=1, config=config
         ) as second:
@@ -165,7 +165,7 @@ def test_exhausted_port_range_says_what_to_do():
         squatter.listen()
         busy = squatter.getsockname()[1]
         with pytest.raises(PortRangeExhaustedError, match="no free metrics port .* raise port_search"):
-            MetricsExporter(stage="stage1", expert="base", config=MetricsConfig(port=busy, port_search=1, host="127.0.0.1"))
+            MetricsExporter(stage="stage1", expert="base", config=ExporterOptions(port=busy, port_search=1, host="127.0.0.1"))
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mmrec.metrics import MetricsConfig, MetricsExporter, names
+from mmrec.metrics import ExporterOptions, MetricsExporter, names
 from mmrec.metrics.dashboard import promql_expressions
 
 from .conftest import K8S, RULES, start_prometheus, stop_prometheus
@@ -42,7 +42,7 @@ def scraped_run(tmp_path_factory, plain_rules_file):
     corpus = {d: rng.integers(0, model_cfg.vocab_size, 8_000) for d in ("text", "code")}
     exporter = MetricsExporter(
         stage="stage1", expert="base", rank=0,
-        config=MetricsConfig(port=0, host="127.0.0.1", peak_flops_per_second=1e11),
+        config=ExporterOptions(port=0, host="127.0.0.1", peak_flops_per_second=1e11),
         run_info={"config": "tiny", "seq_len": str(SEQ_LEN)},
     )
     server = start_prometheus(tmp, targets=[f"127.0.0.1:{exporter.port}"], rule_files=[plain_rules_file])

@@ -1,84 +1,121 @@
-"""Checkpoint atomicity, corruption fallback, weights_only loading and pruning."""
+"""The checkpoint layout: completion markers, fallback past broken checkpoints, an atomic publish that a
+real SIGKILL cannot tear, export pointers and run:<name> references, RNG state."""
 from __future__ import annotations
 
+import json
+import random
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
-from mmrec.train import CheckpointError, Trainer, load_checkpoint, load_latest, prepare_stage, save_checkpoint
+from mmrec.train import checkpoint as ckpt
+
+
+def _write_checkpoint(directory, step, world_size=2, payload=b"x" * 1000):
+    directory.mkdir(parents=True)
+    for rank in range(world_size):
+        (directory / "engine").mkdir(exist_ok=True)
+        (directory / "engine" / f"part_{rank}.bin").write_bytes(payload + bytes([rank]))
+        if rank == 0:
+            (directory / ckpt.RUN_FILE).write_text(json.dumps({"step": step, "world_size": world_size}))
+        ckpt.seal_rank(directory, rank)
+    return directory
+
+
+def test_complete_only_when_every_rank_sealed_matching_files(tmp_path):
+    good = _write_checkpoint(tmp_path / ckpt.checkpoint_name(3, "aa"), 3)
+    assert ckpt.verify_complete(good)["step"] == 3
+    (good / "complete" / "rank_00001.json").unlink()
+    with pytest.raises(ckpt.CheckpointIncomplete, match="rank 1 of 2 never marked its part complete"):
+        ckpt.verify_complete(good)
+    bad = _write_checkpoint(tmp_path / ckpt.checkpoint_name(4, "aa"), 4)
+    part = bad / "engine" / "part_1.bin"
+    part.write_bytes(part.read_bytes()[:-10])
+    with pytest.raises(ckpt.CheckpointIncomplete, match="part_1.bin .written by rank 1. is truncated or corrupt"):
+        ckpt.verify_complete(bad)
+
+
+def test_resume_point_falls_back_past_broken_checkpoints_and_refuses_when_none_is_whole(tmp_path):
+    assert ckpt.find_resume_point(str(tmp_path)) is None
+    for step in (1, 2, 3):
+        _write_checkpoint(tmp_path / ckpt.checkpoint_name(step, "ab"), step)
+    (tmp_path / ckpt.checkpoint_name(3, "ab") / ckpt.RUN_FILE).write_text("{ torn")
+    with pytest.warns(UserWarning, match="falling back to an older one"):
+        point = ckpt.find_resume_point(str(tmp_path))
+    assert point.info["step"] == 2 and point.source.endswith(ckpt.checkpoint_name(2, "ab"))
+    for step in (1, 2):
+        (tmp_path / ckpt.checkpoint_name(step, "ab") / ckpt.RUN_FILE).unlink()
+    with pytest.warns(UserWarning), pytest.raises(ckpt.CheckpointIncomplete, match="no complete checkpoint"):
+        ckpt.find_resume_point(str(tmp_path))
+
 
 # The crash is a real SIGKILL of a real process; only *when* it happens is forced, by wrapping os.replace,
 # because no real component can kill a writer at an exact point of the protocol on demand.
-_KILL_DURING_SAVE = textwrap.dedent(
+_KILL_DURING_PUBLISH = textwrap.dedent(
     """
-    import os, signal, sys, torch
-    from mmrec.train.checkpoint import save_checkpoint
-    directory, kill_when = sys.argv[1], sys.argv[2]
-    save_checkpoint(directory, 1, {"w": torch.ones(3)})
+    import os, signal, sys, json
+    from pathlib import Path
+    from mmrec.train import checkpoint as ckpt
+    run, local = sys.argv[1], Path(sys.argv[2])
+    local.mkdir()
+    (local / "run.json").write_text(json.dumps({"step": 2, "world_size": 1}))
+    (local / "weights.bin").write_bytes(os.urandom(1 << 20))
+    ckpt.seal_rank(local, 0)
     real_replace = os.replace
     def replace(src, dst):
-        if (kill_when == "publish" and ".step_00000002.tmp" in str(src)) or (
-            kill_when == "pointer" and str(dst).endswith("latest") and os.path.isdir(os.path.join(directory, "step_00000002"))
-        ):
+        if "step_00000002" in str(dst):
             os.kill(os.getpid(), signal.SIGKILL)
         real_replace(src, dst)
     os.replace = replace
-    save_checkpoint(directory, 2, {"w": torch.zeros(3)})
+    ckpt.publish_checkpoint(local, run, "step_00000002-cd", keep=3)
     """
 )
 
 
-@pytest.mark.parametrize("kill_when", ["publish", "pointer"])
-def test_killed_save_leaves_previous_checkpoint_usable(tmp_path, kill_when):
-    proc = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, str(tmp_path), kill_when], capture_output=True)
+def test_a_killed_publish_leaves_the_previous_checkpoint_the_one_resumed(tmp_path):
+    run = tmp_path / "run"
+    _write_checkpoint(run / "step_00000001-cd", 1, world_size=1)
+    proc = subprocess.run([sys.executable, "-c", _KILL_DURING_PUBLISH, str(run), str(tmp_path / "local")],
+                          capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()
-    assert (tmp_path / "latest").read_text().strip() == "step_00000001"
-    path, state = load_latest(tmp_path)
-    assert path.name == "step_00000001" and torch.equal(state["w"], torch.ones(3))
-    save_checkpoint(tmp_path, 3, {"w": torch.full((3,), 3.0)})  # the next save cleans up and proceeds
-    assert not list(tmp_path.glob(".step_*"))
-    assert torch.equal(load_latest(tmp_path)[1]["w"], torch.full((3,), 3.0))
+    assert ckpt.list_checkpoints(str(run)) == ["step_00000001-cd"]  # the half-copied one is not a checkpoint
+    assert ckpt.find_resume_point(str(run)).info["step"] == 1
 
 
-def test_truncated_or_corrupt_latest_falls_back_with_warning(tmp_path):
-    for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, {"w": torch.full((1000,), float(step))})
-    state_file = tmp_path / "step_00000003" / "state.pt"
-    data = state_file.read_bytes()
-    state_file.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_checkpoint(tmp_path / "step_00000003")
-    with pytest.warns(UserWarning, match="falling back to an older one"):
-        path, state = load_latest(tmp_path)
-    assert path.name == "step_00000002" and state["w"][0] == 2.0
-    # Same size, one flipped byte: caught by the hash, not by unpickling.
-    state_file = tmp_path / "step_00000002" / "state.pt"
-    data = bytearray(state_file.read_bytes())
-    data[-100] ^= 0xFF
-    state_file.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="sha256"):
-        load_checkpoint(tmp_path / "step_00000002")
-    with pytest.warns(UserWarning):
-        assert load_latest(tmp_path)[0].name == "step_00000001"
-    (tmp_path / "step_00000001" / "meta.json").unlink()
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no usable checkpoint"):
-        load_latest(tmp_path)
+def test_publish_keeps_the_newest_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    for step in range(1, 6):
+        local = _write_checkpoint(tmp_path / f"local{step}", step, world_size=1)
+        ckpt.publish_checkpoint(local, str(run), ckpt.checkpoint_name(step, "ef"), keep=2)
+    assert ckpt.list_checkpoints(str(run)) == ["step_00000005-ef", "step_00000004-ef"]
 
 
-def test_trainer_checkpoint_is_plain_data_and_pruned(model_cfg, train_cfg, streams, tmp_path):
-    cfg = train_cfg.replace(checkpoint_every=2, keep_checkpoints=2, max_steps=6, eval_every=0)
-    setup = prepare_stage("stage1", model_cfg, cfg)
-    train, _ = streams()
-    Trainer(setup, cfg, train, out_dir=tmp_path, log=lambda _: None).fit()
-    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
-    assert kept == ["step_00000004", "step_00000006"]
-    state = torch.load(tmp_path / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
-    assert state["step"] == 6 and state["data"] == train.state_dict()
-    assert state["train_config"] == cfg.to_dict() and state["model_config"] == model_cfg.to_dict()
-    assert set(state["rng"]) == {"torch", "numpy", "python"}
-    assert state["scheduler"]["last_epoch"] == 6 and len(state["optimizer"]["state"]) > 0
-    model_state = setup.model.state_dict()
-    assert all(torch.equal(state["model"][k], model_state[k]) for k in model_state)
+def test_export_pointers_resolve_run_references(tmp_path):
+    run = str(tmp_path / "stage1")
+    with pytest.raises(FileNotFoundError, match="run 'stage1' has no export"):
+        ckpt.resolve_export("run:stage1", str(tmp_path))
+    for step in (2, 4):
+        (tmp_path / "stage1" / "exports" / ckpt.export_name(step)).mkdir(parents=True)
+    ckpt.write_pointer(run, "latest", ckpt.export_name(4))
+    assert ckpt.resolve_export("run:stage1", str(tmp_path)).endswith("exports/step_00000004")  # no best: latest
+    ckpt.write_pointer(run, "best", ckpt.export_name(2))
+    assert ckpt.resolve_export("run:stage1", str(tmp_path)).endswith("exports/step_00000002")
+    assert ckpt.resolve_export("run:stage1@latest", str(tmp_path)).endswith("exports/step_00000004")
+    assert ckpt.resolve_export("/some/dir", str(tmp_path)) == "/some/dir"
+    with pytest.raises(ValueError, match="must be best or latest"):
+        ckpt.resolve_export("run:stage1@worst", str(tmp_path))
+
+
+def test_rng_state_round_trips():
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    state = ckpt.capture_rng_state()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.restore_rng_state(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]

@@ -1,0 +1,122 @@
+"""What the hardware can do: native bf16, and the peak matmul FLOP/s that MFU is measured against.
+
+On CPUs the peak is measured, not assumed: a short GEMM in the dtype in use, the best of a few
+0.1 s windows, once per (CPU model, threads, dtype) and day, cached in ~/.cache/mmrec/peak_flops.json. On GPUs it comes from a
+table of dense tensor-core peaks (overridable with metrics.peak_flops), else it is measured too.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dense (no sparsity) tensor-core peaks, FLOP/s, from the vendors' data sheets.
+GPU_PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp32": 67e12},  # SXM; the PCIe card is lower, measured if the name says PCIe
+    "A100": {"bf16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp32": 91.6e12},
+    "L4": {"bf16": 121e12, "fp32": 30.3e12},
+    "A10": {"bf16": 125e12, "fp32": 31.2e12},
+}
+CACHE_MAX_AGE_S = 24 * 3600  # re-measured daily: a machine's load when it was measured should not stick
+_CACHE = Path(os.environ.get("MMREC_CACHE_DIR", Path.home() / ".cache" / "mmrec")) / "peak_flops.json"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """(has native bf16 matmuls, why): CUDA with bf16 support, or a CPU with AMX or AVX512-BF16."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'lacks'} bf16"
+    flags = cpu_flags()
+    found = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    if found:
+        return True, f"the CPU has {' and '.join(found)}"
+    return False, "the CPU has neither AMX nor AVX512-BF16, where bf16 would be emulated and slower than fp32"
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype or None for fp32, a line saying why) for train.precision auto / fp32 / bf16."""
+    if precision == "fp32":
+        return None, "fp32 (train.precision=fp32)"
+    ok, why = native_bf16(device)
+    if precision == "bf16":
+        return torch.bfloat16, f"bf16 autocast (train.precision=bf16; {why})"
+    if ok:
+        return torch.bfloat16, f"bf16 autocast with fp32 weights and accumulation ({why})"
+    return None, f"fp32: {why} (train.precision=auto)"
+
+
+def _gemm_flops(dtype: torch.dtype, device: torch.device, size: int = 2048, windows: int = 5,
+                window_s: float = 0.1) -> float:
+    """The best of a few short timed windows of size x size matmuls (the best resists a busy neighbour)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b
+    best = 0.0
+    for _ in range(windows):
+        runs, started = 0, time.perf_counter()
+        while True:
+            a @ b
+            runs += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - started
+            if elapsed > window_s:
+                break
+        best = max(best, 2 * size**3 * runs / elapsed)
+    return best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None) -> tuple[float, str]:
+    """(peak FLOP/s of one worker's device for matmuls in `dtype` (None: fp32), where the figure came from)."""
+    kind = "bf16" if dtype == torch.bfloat16 else "fp32"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAK_FLOPS.items():
+            if key in name and "PCIe" not in name:
+                return peaks[kind], f"device table ({key} {kind})"
+    key = f"{device.type}|{cpu_model() if device.type == 'cpu' else torch.cuda.get_device_name(device)}|" \
+          f"{torch.get_num_threads()} threads|{kind}"
+    try:
+        cache = json.loads(_CACHE.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(key)
+    if not isinstance(entry, dict) or time.time() - entry.get("measured_at", 0) > CACHE_MAX_AGE_S:
+        entry = cache[key] = {"flops": _gemm_flops(dtype or torch.float32, device), "measured_at": time.time()}
+        try:
+            _CACHE.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _CACHE.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.replace(_CACHE)
+        except OSError as error:  # a read-only home only costs the next run another measurement
+            log.warning("could not cache the measured peak in %s: %s", _CACHE, error)
+    return entry["flops"], f"measured {kind} GEMM ({key})"
