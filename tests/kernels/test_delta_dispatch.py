@@ -69,6 +69,12 @@ def test_reference_and_chunk_agree_on_a_model_shape(generator):
     torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter (no GPU)")
+def test_triton_backend_on_cpu_runs_interpreted(make_delta_case, check_delta_against_reference):
+    case = make_delta_case(1, 2, 20, 16, 16, mode="mixed")
+    check_delta_against_reference(lambda *x: kernels.delta_rule(*x, chunk_size=16, backend="triton"), case, 1e-5)
+
+
 def test_non_contiguous_inputs(generator):
     # [B, T, H, D] storage viewed as [B, H, T, D] (how a model's head split looks): not read as contiguous.
     B, T, H, Dk, Dv = 2, 30, 3, 8, 4
@@ -163,3 +169,20 @@ def test_half_inputs_accept_an_fp32_state_but_not_fp64():
 def test_scan_is_unchanged():
     # kernels.scan is still the scan function, next to the new export.
     assert kernels.scan.__module__ == "kernels.scan" and callable(kernels.delta_rule)
+
+
+def test_triton_on_cpu_without_interpreter_is_refused():
+    # A fresh interpreter without TRITON_INTERPRET, so Triton is imported in compiled mode.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch, kernels\n"
+        "x = torch.zeros(1, 1, 2, 16)\n"
+        "try:\n"
+        "    kernels.delta_rule(x, x, x, torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), backend='triton')\n"
+        "except ValueError as error:\n"
+        "    print('ValueError:', error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ValueError: delta_rule: backend='triton' needs CUDA tensors" in result.stdout
+    assert "TRITON_INTERPRET=1" in result.stdout
