@@ -12,17 +12,11 @@ EXTRAS := data,cluster,monitoring,test
 
 setup: $(STAMP)
 
-# Torch first, from the constraints file, so that deepspeed (which builds against torch)
-# and everything else resolve against the CPU 2.13.0 build already on the machine.
-$(STAMP): pyproject.toml constraints.txt scripts/setup_system.sh
+# The install steps live in scripts/install.sh, which docker/Dockerfile runs too: the image and
+# this venv get the same pins, the same torch-first order and the same pre-built DeepSpeed ops.
+$(STAMP): pyproject.toml constraints.txt scripts/install.sh scripts/setup_system.sh
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel -c constraints.txt
-	$(PIP) install -q torch==2.13.0 -c constraints.txt
-	# DeepSpeed's CPU Adam and shared-memory comm ops are compiled here, once, instead of
-	# JIT-compiling (2-3 min) inside the first training job of every fresh machine.
-	DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1 \
-	  $(PIP) install -q --no-build-isolation --no-cache-dir deepspeed==0.19.8 -c constraints.txt
-	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]" -c constraints.txt
+	bash scripts/install.sh $(PY) $(EXTRAS)
 	bash scripts/setup_system.sh
 	touch $(STAMP)
 

