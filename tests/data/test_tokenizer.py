@@ -123,3 +123,91 @@ def test_encode_stream_and_pack_equal_the_per_document_reference(tokenizer):
     assert tokenizer.encode_many(texts) == [tokenizer.encode(text) for text in texts]
     assert tokenizer.encode_stream([], np.dtype(np.uint16)).size == 0
     assert tokenizer.encode_many([]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast stream (distinct lines encoded once, SentencePiece's buffer output, separators spliced
+# in by index) against the plain per-text encode, on real files and on the edge cases it must keep
+
+
+MAN1 = Path("/usr/share/man/man1")
+
+
+def _man_pages(limit: int) -> list[str]:
+    """Real man pages, as roff source and as the text prep makes of them (datasets_prep.roff)."""
+    import gzip
+
+    from datasets_prep.roff import strip_roff
+
+    pages: list[str] = []
+    for path in sorted(MAN1.glob("*.gz")) if MAN1.is_dir() else []:
+        try:
+            text = gzip.decompress(path.read_bytes()).decode("utf-8")
+        except (OSError, UnicodeDecodeError, EOFError):
+            continue
+        if text.startswith(".so ") or "\x00" in text:
+            continue
+        pages += [text, strip_roff(text)]
+        if len(pages) >= 2 * limit:
+            break
+    return pages
+
+
+def _edge_texts() -> list[str]:
+    marker = NEWLINE_PIECE
+    return [
+        "", "\n", "\n\n", "x", "x\n", "x\n\n", "\nx", "\r\n", "a\r\nb\r\n", "a\rb\r", "\r\n\r\n\r",
+        marker, f"{marker}\n", f"\n{marker}\n{marker}", f"x = '{marker}'  # {marker}{marker}\n",
+        "  \n\t\n \t \n", "trailing   \n", "ünï ✓ 🙂\n🙂\n", "\ufeffbom\n", "\x0cform feed\x0b\n",
+        "a" * 5000 + "\n" + " " * 300 + "\n",  # long lines; whitespace-only pieces
+        "12345 67890\n", "</s> <s> <unk> <0x0A>\n", "def f():\n    return None\n}\n",
+        "def f():\n    return None\n}\n",  # a whole document twice, and lines shared with others
+    ]
+
+
+def _assert_stream_equals_reference(tokenizer: SentencePieceTokenizer, texts: list[str]) -> None:
+    expected = _reference_stream(tokenizer, texts)
+    for dtype in (np.dtype(np.uint16), np.dtype(np.int32), np.dtype(np.int64)):
+        stream = tokenizer.encode_stream(texts, dtype)
+        assert stream.dtype == dtype
+        assert stream.tolist() == expected
+    assert tokenizer.encode_many(texts) == [tokenizer.encode(text) for text in texts]
+
+
+def test_fast_path_is_the_one_in_use(tokenizer):
+    # The pinned SentencePiece has the batch-to-buffer call; a silent fall back to the public
+    # path would still be correct but about 25% slower, so it is caught here.
+    assert tokenizer._buffer_batch is not None
+
+
+def test_encode_stream_equals_per_text_encode_on_stdlib_code_and_man_pages(tokenizer):
+    code = []
+    for path in sorted(STDLIB.glob("*.py"))[:60] + _files_with_every_feature(limit=8):
+        try:
+            code.append(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            continue
+    man = _man_pages(limit=15)
+    texts = code + man + _edge_texts()
+    random.Random(7).shuffle(texts)
+    _assert_stream_equals_reference(tokenizer, texts)
+    # every document is also its own call, and each separator sits where a newline was
+    for text in _edge_texts() + man[:4]:
+        stream = tokenizer.encode_stream([text], np.dtype(np.int32))
+        assert stream[-1] == tokenizer.eos_id
+        assert int((stream == tokenizer.newline_id).sum()) == text.count("\n")
+        assert tokenizer.decode(stream[:-1]) == text
+
+
+def test_encode_stream_edge_cases_and_the_public_fallback_agree(tokenizer):
+    fallback = SentencePieceTokenizer(tokenizer.model_bytes)
+    fallback._buffer_batch = None  # as with a SentencePiece without the private buffer call
+    texts = _edge_texts() + [(STDLIB / "textwrap.py").read_text(encoding="utf-8")]
+    for tok in (tokenizer, fallback):
+        _assert_stream_equals_reference(tok, texts)
+        for text in texts:  # one text alone, including "" and "\n"
+            _assert_stream_equals_reference(tok, [text])
+        _assert_stream_equals_reference(tok, [""] * 5)
+        assert tok.encode_stream([], np.dtype(np.int32)).size == 0
+    ids = tokenizer.encode(f"{NEWLINE_PIECE}\n")  # the literal marker is text, the newline is not
+    assert ids.count(tokenizer.newline_id) == 1 and ids[-1] == tokenizer.newline_id
