@@ -117,6 +117,7 @@ def test_snapshot_shows_objects_as_files_with_server_write_times(s3_server, tmp_
     client.abort_multipart_upload(Bucket="corpora", Key="snap/pending.bin", UploadId=pending)
 
 
+@pytest.mark.slow  # its own server, started four times: 6-20 s
 def test_stop_kill_pause_and_restart_keep_ports_and_data(new_s3_server):
     from botocore.exceptions import BotoCoreError
 
