@@ -5,9 +5,11 @@
 
 Nothing here imports Ray at module level (only prepare() does, when called). The storage layer,
 the manifest and the shard format it writes live in `core`, below both this package and the
-training loader in mmrec.data.
+training loader in mmrec.data; the settings are core.config.PrepConfig (the [prep] section).
+Sources, the bring-your-own tokenizer and the atomic publish are described in docs/data.md.
 """
-from datasets_prep.pipeline import PrepConfig, prepare
+from core.config import PrepConfig
+from datasets_prep.pipeline import check_tokenizer_model, prepare, run_prep
 from datasets_prep.tokenizer_training import train_tokenizer
 
-__all__ = ["prepare", "PrepConfig", "train_tokenizer"]
+__all__ = ["prepare", "run_prep", "PrepConfig", "check_tokenizer_model", "train_tokenizer"]

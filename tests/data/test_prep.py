@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from core import storage
 from datasets_prep import prepare
-from core.manifest import load_manifest
+from core.manifest import load_manifest, load_manifest_tokenizer
 from core.shards import sha256_hex
 from core.tokenizer import SentencePieceTokenizer
 from mmrec.data import CorruptShardError, ShardLoader
@@ -35,12 +36,19 @@ def test_prep_writes_verified_shards_and_manifest_to_s3(prepared_s3, s3_server):
         data = storage.read_bytes(storage.join("s3://corpora/demo", shard.path))
         assert sha256_hex(data) == shard.sha256 and len(data) == shard.bytes
         assert shard.tokens == shard.samples * (manifest.seq_len + 1)
-        assert shard.path.startswith(f"{shard.domain}/{shard.split}/shard-")
-    tokenizer = SentencePieceTokenizer.from_url("s3://corpora/demo/tokenizer.model",
-                                                expected_sha256=manifest.tokenizer_sha256)
+        # content-addressed: the name says where the shard sits in its stream and what it holds
+        assert re.fullmatch(rf"{shard.domain}/{shard.split}/shard-\d{{6}}-{shard.sha256[:16]}\.tar",
+                            shard.path)
+    assert manifest.tokenizer_path == f"tokenizers/{manifest.tokenizer_sha256[:16]}/tokenizer.model"
+    tokenizer = load_manifest_tokenizer(prepared_s3)  # checks tokenizer_sha256 and vocab_size
     assert manifest.vocab_size == tokenizer.vocab_size <= 400
     stored = json.loads((s3_server.root / "corpora/demo/manifest.json").read_text())
     assert stored["fingerprint"] == manifest.fingerprint
+    # nothing but what the manifest names (and the tokenizer's metadata), no run left registered
+    served = s3_server.root / "corpora/demo"
+    files = {str(p.relative_to(served)) for p in served.rglob("*") if p.is_file()}
+    assert files == {"manifest.json", *manifest.paths,
+                     manifest.tokenizer_path.replace("tokenizer.model", "tokenizer.json")}
 
 
 def test_loader_reads_s3_shards_back_into_real_text(prepared_s3):

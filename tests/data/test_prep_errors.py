@@ -2,7 +2,10 @@
 and leaves no manifest behind that would describe a dataset which was never written."""
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +29,7 @@ def _corpus(root, files: dict[str, bytes]) -> str:
 def test_missing_source_directory_is_named_before_any_work(tmp_path):
     with pytest.raises(StorageNotFound, match=f"{tmp_path}/nope is not a file or directory"):
         prepare(f"dir:{tmp_path}/nope?domain=code", out=str(tmp_path / "out"), **TINY)
-    assert not (tmp_path / "out" / "tokenizer.model").exists()
+    assert not (tmp_path / "out" / "tokenizers").exists()
 
 
 def test_output_under_a_file_is_a_clear_storage_error(tmp_path):
@@ -69,12 +72,14 @@ def test_corpus_too_small_for_one_sample_writes_no_manifest(ray_local, tmp_path)
 
 
 def test_vocab_larger_than_the_corpus_supports_warns_and_records_the_real_size(ray_local,
-                                                                               tmp_path):
+                                                                               tmp_path, caplog):
     text = "".join(f"def function_{i}(value):\n    return value * {i}\n\n" for i in range(200))
     corpus = _corpus(tmp_path / "in", {"a.py": text.encode()})
-    with pytest.warns(UserWarning, match=r"supports only \d+ of the 20000 pieces asked for"):
+    with caplog.at_level(logging.WARNING, logger="datasets_prep"):
         manifest_url = prepare(f"dir:{corpus}?domain=code", out=str(tmp_path / "out"),
                                vocab_size=20000, seq_len=8, progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(re.search(r"supports only \d+ of the 20000 pieces asked for", m) for m in warned)
     manifest = load_manifest(manifest_url)
     assert 260 < manifest.vocab_size < 20000  # byte pieces, specials and some merges
     assert sum(s.samples for s in manifest.select("code", "train")) > 0
@@ -101,10 +106,11 @@ def test_unreadable_tokenizer_metadata_means_retrain_not_a_json_traceback(ray_lo
     out = tmp_path / "out"
     options = dict(TINY, val_fraction=0.0)  # one document: keep it in train
     first = load_manifest(prepare(f"dir:{corpus}?domain=code", out=str(out), **options))
-    (out / "tokenizer.json").write_text("{ truncated")
+    meta = out / first.tokenizer_path.replace("tokenizer.model", "tokenizer.json")
+    meta.write_text("{ truncated")
     second = load_manifest(prepare(f"dir:{corpus}?domain=code", out=str(out), **options))
     assert second.fingerprint == first.fingerprint  # same tokenizer retrained, same shards
-    assert (out / "tokenizer.json").read_text().startswith("{\n")
+    assert json.loads(meta.read_text())["sha256"] == first.tokenizer_sha256
 
 
 def test_cli_names_a_missing_source_without_a_traceback(tmp_path):
@@ -115,4 +121,6 @@ def test_cli_names_a_missing_source_without_a_traceback(tmp_path):
                             cwd=repo, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "RAY_ADDRESS": ""})
     assert result.returncode == 2
-    assert result.stderr.strip() == f"prep failed: {tmp_path}/nope is not a file or directory"
+    # one line: the CLI's prefix ("prep failed:" or "python -m launchers.prep: error:"), the reason
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(f": {tmp_path}/nope is not a file or directory")

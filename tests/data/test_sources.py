@@ -11,11 +11,10 @@ import pytest
 
 from core import storage
 from datasets_prep import prepare
-from core.manifest import load_manifest
+from core.manifest import load_manifest, load_manifest_tokenizer
 from datasets_prep.roff import strip_roff
 from core.shards import read_shard
 from datasets_prep.sources import expand, parse_source, read_item
-from core.tokenizer import SentencePieceTokenizer
 
 FILES = {
     "src/a.py": "def a():\n    return 1\n",
@@ -86,8 +85,10 @@ def test_jsonl_record_domain_wins_over_source_domain(corpus):
 @pytest.mark.parametrize("line, message", [
     ('{"text": "ok"', "not valid JSON"),
     ('["text", "a list"]', "expected a JSON object with a string 'text' field"),
-    ('{"text": 5}', "expected a JSON object with a string 'text' field"),
-    ('{"body": "no text"}', "expected a JSON object with a string 'text' field"),
+    ('{"text": 5}', "field 'text' is a number, not a string (5)"),
+    ('{"text": null}', "field 'text' is null, not a string"),
+    ('{"body": "no text"}', "no 'text' field (the record has 'body'); set text_field= in the "
+                            "source"),
     ('{"text": "x", "domain": "math"}', "unknown domain 'math'"),
 ])
 def test_malformed_jsonl_line_names_file_and_line(corpus, line, message):
@@ -112,6 +113,10 @@ def test_jsonl_that_is_not_utf8_is_an_error_not_silently_skipped(tmp_path):
     ("demo:/data", "demo takes no location"),
     ("jsonl:", "needs a location"),
     ("csv:/data", "unknown source kind 'csv'"),
+    ("demo?glob=*.py", "unknown key 'glob' in source 'demo?glob=*.py': allowed are ['max_mb']"),
+    ("dir:/data?text_field=body&domain=text", "unknown key 'text_field'"),
+    ("hf:/data?glob=*.arrow", "unknown key 'glob'"),
+    ("jsonl:/data?text_field=", "text_field= needs a field name"),
 ])
 def test_bad_source_strings_say_what_to_write(source, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -134,7 +139,7 @@ def test_prepare_packs_dir_and_jsonl_documents_from_s3_exactly(s3_env, ray_local
     manifest_url = prepare(source_list, out=str(tmp_path / "out"), vocab_size=300, seq_len=4,
                            val_fraction=0.0, progress=False)
     manifest = load_manifest(manifest_url)
-    tokenizer = SentencePieceTokenizer.from_url(str(tmp_path / "out" / "tokenizer.model"))
+    tokenizer = load_manifest_tokenizer(manifest_url)
     items = sorted((item for source in source_list for item in expand(parse_source(source))),
                    key=lambda item: item.url)
     for domain in ("text", "code"):
