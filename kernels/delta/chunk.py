@@ -23,18 +23,23 @@ at once as batched matmuls; the state is carried across chunks by one Python loo
 chunks (two small matmuls per chunk). Decays are only ever exp of DIFFERENCES g_t - g_s with
 s <= t (or exp(g_t), g_last - g_t), i.e. exp of numbers <= 0: log_alpha = -20 per step underflows
 to 0, never overflows, so no inf * 0 = NaN. Entries above the diagonal are masked with -inf
-before the exp. T not divisible by C is padded with log_alpha = 0, beta = 0, q = k = v = 0
+before the exp. g is accumulated in float64 (an fp32 cumsum reaching -20 C would put a 1e-4
+relative error into every decay) and rounded to the compute dtype only as differences; the
+backward sums d log_alpha window by window so that it stays accurate when it is tiny (see
+`chunk_backward`). T not divisible by C is padded with log_alpha = 0, beta = 0, q = k = v = 0
 (steps that pass the state through unchanged) and the outputs are cut.
 
 Backward: hand-written (`DeltaRuleChunkFunction`). The forward keeps only its inputs and the
-state entering every chunk, [B, H, T/C, Dk, Dv] (T * Dk * Dv / C numbers per head, the same as
+state entering every chunk, [B*H, T/C, Dk, Dv] (T * Dk * Dv / C numbers per head, the same as
 one [T, 64] tensor at C = Dk = Dv = 64); the backward recomputes the intra-chunk quantities
 for all chunks at once, carries dH backwards over the chunks in one Python loop, then forms
 every gradient with batched matmuls. Measured against autograd through the same forward
-(`chunk_forward` with grad enabled; docs/benchmarks.md): autograd keeps ~10 chunk-sized
-temporaries per head ([T, C] and [T, D] each) alive until the backward and was no faster, so the
-hand-written backward is the one used. Activation memory is linear in T either way; nothing of
-size [T, Dk, Dv] is ever formed.
+(`chunk_forward` with grad enabled) at B 8, H 4, T 2048, Dk = Dv = 64, C 64, one thread:
+saved for backward 64.5 MB (48.5 MB inputs + 16 MB chunk states) against 273 MB (5.6x the
+inputs: autograd keeps the [T, C] decay/A/P matrices, the solve's factors and U~, W, U), the
+same ratios at T 8192, so both are linear in T; and 0.49 s against 0.88 s CPU time per
+forward + backward. The hand-written backward is the one used. Nothing of size [T, Dk, Dv] is
+ever formed; the backward's transient [B*H, T/C, C, C] temporaries live only inside it.
 
 Accumulation: bf16/fp16 inputs are computed in fp32 (the state is fp32), fp64 inputs in fp64
 (so that gradcheck is meaningful). Keys are expected L2-normalised by the caller (then every
@@ -293,4 +298,7 @@ def delta_rule_chunk(
     """The chunked gated delta rule, differentiable in every input. Validated by `kernels.delta_rule`."""
     if chunk < 1:
         raise ValueError(f"delta_rule_chunk: chunk must be a positive number of time steps, got {chunk}")
+    # A sequence shorter than the chunk is one chunk of its own length (the chunk size does not
+    # change the result): a step-by-step decode (T = 1) costs no [64, 64] padding.
+    chunk = min(chunk, q.shape[2])
     return DeltaRuleChunkFunction.apply(q, k, v, log_alpha, beta, initial_state, chunk)
