@@ -1,10 +1,13 @@
-"""`python -m benchmarks.train`: what the Trainer's bookkeeping costs, measured against bare PyTorch.
+"""`python -m benchmarks.train`: what the loop's bookkeeping costs, measured against bare PyTorch.
 
 Two rows, each ours vs a baseline in the same run:
-  train step   Trainer.train_step (shape checks, NaN check, clipping, timers, schedule) vs a hand-written
-               forward/backward/AdamW step on the same model, batch and initial weights
-  checkpoint   save_checkpoint (temp dir, fsync, sha256, rename, latest pointer) vs one plain torch.save
+  train step   Trainer._train_step (the fault hook, timers, the schedule, clipping, the one host sync of
+               loss and grad norm) vs a hand-written forward/backward/AdamW step on the same model,
+               batch and initial weights
+  checkpoint   Trainer._save_checkpoint (engine state, RNG, the latest export, run.json, completion
+               marker with sha256, atomic publish) vs one plain torch.save of model and optimizer
 Medians of repetitions taken in turns (ours, baseline, ours, ...); still noisy on a loaded machine.
+The data is the demo corpus, prepared once by datasets_prep on a local Ray instance.
 """
 from __future__ import annotations
 
@@ -16,12 +19,8 @@ from pathlib import Path
 
 import torch
 
-from mmrec.train.checkpoint import save_checkpoint
-from mmrec.train.config import TrainConfig
-from mmrec.train.loss import lm_loss
-from mmrec.train.stages import prepare_stage
-from mmrec.train.token_stream import TokenStream
-from mmrec.train.trainer import Trainer
+from core.config import resolve
+from mmrec.train import Trainer, lm_loss, prepare_stage
 
 
 def _median_seconds(ours, baseline, repeats: int) -> tuple[float, float]:
@@ -43,16 +42,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
-    cfg = TrainConfig(lr=1e-3, warmup_steps=0, max_steps=10_000, seq_len=args.seq_len, micro_batch_size=args.batch)
-    tokens = torch.randint(0, 256, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
-    batch = dict(tokens=tokens, domains=["text"] * args.batch)
+
+    import ray
+
+    from datasets_prep.pipeline import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
-        setup = prepare_stage("stage1", args.model, cfg)
-        loader = TokenStream({"text": tokens.flatten().numpy()}, seq_len=args.seq_len, local_batch=args.batch)
-        trainer = Trainer(setup, cfg, loader, out_dir=tmp, log=lambda _: None)
-        bare = prepare_stage("stage1", args.model, cfg).model
-        optimizer = torch.optim.AdamW(bare.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
+        try:
+            manifest = prepare("demo?max_mb=1", out=f"{tmp}/data", vocab_size=1024, seq_len=args.seq_len, progress=False)
+        finally:
+            ray.shutdown()
+        cfg = resolve({"model": {"name": args.model},
+                       "train": dict(lr=1e-3, warmup_steps=0, max_steps=10_000, seq_len=args.seq_len,
+                                     micro_batch_size=args.batch, precision="fp32", eval_every=0),
+                       "data": {"manifest": manifest}, "run": {"storage_path": f"{tmp}/runs", "plots": False}},
+                      stage="stage1")
+        trainer = Trainer(cfg)
+        trainer._start(None)
+        data = iter(trainer.loader)
+        tokens = next(data)["tokens"]
+        bare = prepare_stage("stage1", trainer.model_cfg, cfg.train).model
+        optimizer = torch.optim.AdamW(bare.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,
+                                      weight_decay=cfg.train.weight_decay)
 
         def bare_step() -> None:
             optimizer.zero_grad(set_to_none=True)
@@ -60,13 +72,15 @@ def main(argv: list[str] | None = None) -> None:
             loss.backward()
             optimizer.step()
 
-        ours_step, base_step = _median_seconds(lambda: trainer.train_step(iter([batch])), bare_step, args.repeats)
+        ours_step, base_step = _median_seconds(lambda: trainer._train_step(data, False), bare_step, args.repeats)
 
-        state = trainer._checkpoint_state()
-        steps = iter(range(1, 10_000))
+        def ours_checkpoint() -> None:
+            trainer.step += 1
+            trainer._save_checkpoint({}, None)
+
         ours_ckpt, base_ckpt = _median_seconds(
-            lambda: save_checkpoint(Path(tmp) / "ckpt", next(steps), state),
-            lambda: torch.save(state, Path(tmp) / "plain.pt"),
+            ours_checkpoint,
+            lambda: torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict()}, Path(tmp) / "plain.pt"),
             args.repeats,
         )
 
@@ -76,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'train step':<12} {ours_step * 1e3:>10.1f}ms {base_step * 1e3:>10.1f}ms {ours_step / base_step:>14.2f}"
           f"   bare fwd/bwd/AdamW ({tokens_per_step / ours_step:,.0f} vs {tokens_per_step / base_step:,.0f} tok/s)")
     print(f"{'checkpoint':<12} {ours_ckpt * 1e3:>10.1f}ms {base_ckpt * 1e3:>10.1f}ms {ours_ckpt / base_ckpt:>14.2f}"
-          f"   one torch.save, no fsync/hash/rename")
+          f"   one torch.save of model + optimizer, no export/fsync/hash/rename")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Ray: one stage as a Ray Train job of DeepSpeed workers (job.py, worker.py), the connection that
-never hangs (ray_connect.py), the step watchdog, and the whole pipeline of Ray jobs (pipeline.py).
+"""Ray: one stage as a Ray Train run of DeepSpeed workers (launch.py, worker.py), the connection that
+never hangs (ray_connect.py), a local head (ray_head.py), the step watchdog, and the whole pipeline
+as Ray jobs (job_runner.py, pipeline.py).
 
     from cluster import run_stage
     from core.config import load_config
@@ -7,6 +8,6 @@ never hangs (ray_connect.py), the step watchdog, and the whole pipeline of Ray j
 
 Nothing here does model math or training logic: the loop is mmrec.train.Trainer.
 """
-from cluster.job import StageResult, run_stage
+from cluster.launch import StageResult, run_stage
 
 __all__ = ["StageResult", "run_stage"]

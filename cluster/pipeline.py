@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.jobs import REPO_ROOT, JobRunner
+from cluster.job_runner import REPO_ROOT, JobRunner
 from cluster.ray_head import LocalRayHead
 from core import storage
 from core.config import Config, ConfigError, resolve
@@ -227,14 +227,13 @@ def verdicts(table: dict[str, Any], slack: float) -> list[dict[str, Any]]:
 
 
 def sample_text(export: str, prompt: str, tokens: int) -> str:
-    from core.tokenizer import load_tokenizer
-    from mmrec.train.export import build_from_export, read_export
+    from mmrec.train.export import open_export
     from mmrec.train.generate import generate, step_fn_for
 
-    loaded = read_export(export)
-    model, tokenizer = build_from_export(loaded), load_tokenizer(loaded.directory)
-    ids = generate(step_fn_for(model, None), tokenizer.encode(prompt), tokens, temperature=0.8, top_k=40, seed=0)
-    return tokenizer.decode(ids)
+    loaded = open_export(export, storage_path="", device="cpu")
+    ids = generate(step_fn_for(loaded.model, None), loaded.tokenizer.encode(prompt), tokens, temperature=0.8, top_k=40,
+                   seed=0, stop_id=loaded.tokenizer.eos_id)
+    return loaded.tokenizer.decode(ids)
 
 
 def _versions() -> dict[str, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,4 +59,5 @@ def train_worker(config: dict[str, Any]) -> None:
     finally:
         watchdog.close()
         if exporter is not None:
+            time.sleep(cfg.metrics.linger_s)
             exporter.close()

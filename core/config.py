@@ -211,9 +211,12 @@ class MetricsConfig:
     # Peak FLOP/s of one worker's device for MFU; 0: measured once on CPUs (a short GEMM in the dtype
     # in use, cached) or read from the device table on GPUs.
     peak_flops: float = 0.0
+    # Keep serving this long after training ends, so a scrape sees the final values of a short run.
+    linger_s: float = 0.0
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, f"metrics.port={self.port}: must be in 0..65535")
+        _require(self.linger_s >= 0, f"metrics.linger_s={self.linger_s}: must be >= 0")
         _require(self.peak_flops >= 0, f"metrics.peak_flops={self.peak_flops}: must be >= 0 (0: measure)")
 
 
@@ -257,7 +260,8 @@ class PrepConfig:
 @dataclass(frozen=True)
 class PipelineConfig:
     out: str = "runs/smoke"  # data, stage runs, logs and the report go under here (path or s3://)
-    num_cpus: int = 2  # CPUs of the local Ray head the pipeline starts when ray.address is empty
+    address: str = ""  # the dashboard of an existing Ray cluster (http://host:8265); empty: a local head
+    num_cpus: int = 2  # CPUs of the local Ray head the pipeline starts when address is empty
     eval_batches: int = 8  # validation batches per domain in the final evaluation table
     # The fused model must be no worse than each expert on its own domain (within this many nats)
     # and no worse than the experts routed by an oracle on mixed data (within it again).

@@ -453,17 +453,41 @@ def localize(url: str, cache_dir: str | Path) -> Path:
     return download_dir(url, Path(cache_dir) / url.rstrip("/").rsplit("/", 1)[-1])
 
 
+def delete(url: str) -> None:
+    """Remove one file / object (nothing if it does not exist)."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        with_retries(lambda: _client().delete_object(Bucket=bucket, Key=key), what=url)
+        return
+    try:
+        os.unlink(local_path(url))
+    except FileNotFoundError:
+        pass
+
+
+def delete_many(urls: list[str]) -> None:
+    """Remove many files / objects (S3: batched, 1000 keys a request); missing ones are fine."""
+    by_bucket: dict[str, list[str]] = {}
+    for url in urls:
+        if is_s3(url):
+            bucket, key = split_s3(url)
+            by_bucket.setdefault(bucket, []).append(key)
+        else:
+            delete(url)
+    for bucket, keys in by_bucket.items():
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": key} for key in keys[start:start + 1000]]
+            with_retries(lambda: _client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True}),
+                         what=f"s3://{bucket}")
+
+
 def delete_tree(url: str) -> None:
     """Remove the directory / prefix `url` and everything under it (nothing if it does not exist)."""
     if is_s3(url):
-        bucket, _ = split_s3(url)
         try:
-            files = list_files(url)
+            delete_many(list_files(url))
         except StorageNotFound:
-            return
-        for start in range(0, len(files), 1000):
-            keys = [{"Key": split_s3(f)[1]} for f in files[start:start + 1000]]
-            with_retries(lambda: _client().delete_objects(Bucket=bucket, Delete={"Objects": keys}), what=url)
+            pass
         return
     shutil.rmtree(local_path(url), ignore_errors=True)
 

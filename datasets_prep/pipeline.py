@@ -493,33 +493,18 @@ class _Run:
 
 def _delete(out: str, urls: list[str]) -> None:
     """Delete files (S3 keys in batches); local directories left empty under `out` go too."""
-    s3: dict[str, list[str]] = {}
+    storage.delete_many(list(urls))
+    root = None if storage.is_s3(out) else os.path.abspath(storage.local_path(out))
     for url in urls:
-        if storage.is_s3(url):
-            bucket, key = storage.split_s3(url)
-            s3.setdefault(bucket, []).append(key)
+        if root is None or storage.is_s3(url):
             continue
-        path = storage.local_path(url)
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-        root = os.path.abspath(storage.local_path(out))
-        parent = os.path.dirname(os.path.abspath(path))
+        parent = os.path.dirname(os.path.abspath(storage.local_path(url)))
         while parent.startswith(root + os.sep):
             try:
                 os.rmdir(parent)
             except OSError:
                 break
             parent = os.path.dirname(parent)
-    for bucket, keys in s3.items():
-        for start in range(0, len(keys), 1000):
-            batch = [{"Key": key} for key in keys[start:start + 1000]]
-            storage.with_retries(
-                # core.storage has no delete of single objects; the client is its own.
-                lambda: storage._client().delete_objects(Bucket=bucket,
-                                                         Delete={"Objects": batch, "Quiet": True}),
-                what=f"s3://{bucket}")
 
 
 def _managed(relative: str) -> bool:

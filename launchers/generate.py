@@ -41,29 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the prompt is empty: pass --prompt TEXT (the model has no begin-of-text token to start from)")
 
     def body() -> int:
-        import torch
-
-        from core.tokenizer import load_tokenizer
-        from mmrec.train.checkpoint import resolve_export
-        from mmrec.train.export import build_from_export, read_export
+        from mmrec.train.export import open_export
         from mmrec.train.generate import generate, step_fn_for
 
-        try:
-            url = resolve_export(options.export, cfg.run.storage_path)
-        except (FileNotFoundError, ValueError) as error:
-            raise UsageError(str(error)) from None
-        export = read_export(url)
-        if export.kind == "expert" and options.path in ("text", "code"):
-            raise UsageError(f"{options.export} is a single expert ({export.info.get('stage')}); --path applies to a "
-                             "fused (stage-3) export")
-        device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda, but this machine has no CUDA device")
-        tokenizer = load_tokenizer(export.directory)
-        model = build_from_export(export).to(device)
-        if model.config.vocab_size != tokenizer.vocab_size:
-            raise UsageError(f"{options.export}: the model has {model.config.vocab_size} output tokens but its "
-                             f"tokenizer {tokenizer.vocab_size} pieces; re-export it from a run of this dataset")
+        loaded = open_export(options.export, storage_path=cfg.run.storage_path, device=options.device)
+        model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
+        if loaded.export.kind == "expert" and options.path in ("text", "code"):
+            raise UsageError(f"{options.export} is a single expert ({loaded.export.info.get('stage')}); --path applies "
+                             "to a fused (stage-3) export")
         path = None if options.path in ("auto", "fused") else options.path
         prompt_ids = tokenizer.encode(options.prompt)
         for sample in range(options.num_samples):
@@ -78,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmrec.train.export import ExportError
 
-    return run(prog, body, usage_errors=(ExportError, FileNotFoundError))
+    return run(prog, body, usage_errors=(ExportError,))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def body() -> int:
-        from cluster.jobs import JobFailed
+        from cluster.job_runner import JobFailed
         from cluster.pipeline import PipelineCheckFailed, run_pipeline
 
         # SIGTERM like Ctrl-C: unwinds through run_pipeline, which stops its jobs and its head.

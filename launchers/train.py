@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from launchers.cli import load, on_stop_signals, parser_for, prog_name, run, setup_logging
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         finally:
             if exporter is not None:
+                time.sleep(cfg.metrics.linger_s)
                 exporter.close()
         best = f"best val_loss {result.best_loss:.4f}" if result.best_loss is not None else "no validation"
         log.info("[%s] %d steps, %s; best export %s", cfg.stage, result.step, best,

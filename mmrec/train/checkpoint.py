@@ -85,10 +85,7 @@ def seal_rank(directory: str | Path, rank: int) -> Path:
         if path.is_file() and path.relative_to(directory).parts[0] != COMPLETE_DIR
     }
     marker = _marker(directory, rank)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps({"rank": rank, "files": files}, indent=1))
-    tmp.replace(marker)
+    storage.write_text(str(marker), json.dumps({"rank": rank, "files": files}, indent=1))
     return marker
 
 

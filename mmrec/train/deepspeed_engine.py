@@ -180,8 +180,14 @@ class DeepSpeedEngine(Engine):
     def optimizer_step(self, lr_multiplier: float) -> torch.Tensor:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_multiplier
+        measured = None
+        if self.zero_stage == 0:
+            # Without ZeRO, DeepSpeed steps our torch optimizer, which reports no norm: measure the
+            # (already all-reduced) gradients before the step clips and clears them.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            measured = torch.nn.utils.get_total_norm(grads).detach().float()
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        norm = measured if measured is not None else self.engine.get_global_grad_norm()
         if norm is None:
             return torch.tensor(float("nan"), device=self.device)
         return norm.detach().float() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm), device=self.device)

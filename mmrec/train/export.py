@@ -131,3 +131,38 @@ def build_from_export(export: Export) -> nn.Module:
     except RuntimeError as error:
         raise ExportError(f"{export.directory}: the weights do not fit its model_config ({error})") from None
     return model.eval()
+
+
+@dataclass
+class LoadedExport:
+    url: str  # where it was found (path or s3:// URL)
+    export: Export
+    model: nn.Module  # in eval mode, on `device`
+    tokenizer: Any  # core.tokenizer.SentencePieceTokenizer shipped beside the weights
+    device: str
+
+
+def open_export(reference: str, *, storage_path: str, device: str = "auto") -> LoadedExport:
+    """An export (a directory, an s3:// URL or run:<name>[@best|@latest] under storage_path) with its
+    model built on `device` ("auto": CUDA when present) and its tokenizer, checked against each other."""
+    from core.tokenizer import load_tokenizer
+    from mmrec.train.checkpoint import resolve_export
+
+    try:
+        url = resolve_export(reference, storage_path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ExportError(str(error)) from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("device cuda was asked for, but this machine has no CUDA device")
+    export = read_export(url)
+    try:
+        tokenizer = load_tokenizer(export.directory)
+    except FileNotFoundError as error:
+        raise ExportError(str(error)) from None
+    model = build_from_export(export).to(device)
+    if export.model_config.vocab_size != tokenizer.vocab_size:
+        raise ExportError(f"{reference}: the model has {export.model_config.vocab_size} output tokens but its tokenizer "
+                          f"{tokenizer.vocab_size} pieces; re-export it from a run of this dataset")
+    return LoadedExport(url=url, export=export, model=model, tokenizer=tokenizer, device=device)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from core import storage
+
 log = logging.getLogger(__name__)
 
 # Dense (no sparsity) tensor-core peaks, FLOP/s, from the vendors' data sheets.
@@ -113,10 +115,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype | None) -> tuple[float, 
     if not isinstance(entry, dict) or time.time() - entry.get("measured_at", 0) > CACHE_MAX_AGE_S:
         entry = cache[key] = {"flops": _gemm_flops(dtype or torch.float32, device), "measured_at": time.time()}
         try:
-            _CACHE.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _CACHE.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(cache, indent=1))
-            tmp.replace(_CACHE)
-        except OSError as error:  # a read-only home only costs the next run another measurement
+            storage.write_text(str(_CACHE), json.dumps(cache, indent=1))
+        except (OSError, storage.StorageError) as error:  # a read-only home only costs the next run another measurement
             log.warning("could not cache the measured peak in %s: %s", _CACHE, error)
     return entry["flops"], f"measured {kind} GEMM ({key})"

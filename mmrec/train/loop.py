@@ -33,9 +33,9 @@ import torch
 from core import storage
 from core.config import Config, ConfigError
 from core.configtree import to_dict
-from core.manifest import load_manifest, manifest_dir
+from core.manifest import TokenizerMismatchError, load_manifest, load_manifest_tokenizer
 from core.stages import get_stage
-from core.tokenizer import TOKENIZER_FILE, SentencePieceTokenizer
+from core.tokenizer import TOKENIZER_FILE
 from mmrec.train import checkpoint as ckpt
 from mmrec.train.engine import Engine, TorchEngine
 from mmrec.train.export import write_export
@@ -145,15 +145,11 @@ class Trainer:
         return box[0]
 
     def _fetch_tokenizer(self) -> Path:
-        """The dataset's tokenizer, verified against the manifest's hash, copied beside every export."""
-        url = storage.join(manifest_dir(self.cfg.data.manifest), self.manifest.tokenizer_path)
+        """The dataset's tokenizer, verified against the manifest (hash, vocabulary, EOS), copied beside every export."""
         try:
-            tokenizer = SentencePieceTokenizer.from_url(url, expected_sha256=self.manifest.tokenizer_sha256)
-        except ValueError as error:
-            raise ConfigError(f"{error} (the manifest {self.cfg.data.manifest} names it)") from None
-        if tokenizer.vocab_size != self.manifest.vocab_size:
-            raise ConfigError(f"{url} has {tokenizer.vocab_size} pieces, the manifest says {self.manifest.vocab_size}: "
-                              "the dataset is inconsistent; re-run prep")
+            tokenizer = load_manifest_tokenizer(self.cfg.data.manifest, self.manifest)
+        except TokenizerMismatchError as error:
+            raise ConfigError(str(error)) from None
         path = self.scratch / TOKENIZER_FILE
         path.write_bytes(tokenizer.model_bytes)
         return path
@@ -325,7 +321,7 @@ class Trainer:
         if self.rank == 0:
             for pointer in pointers:
                 ckpt.write_pointer(self.run_url, pointer, name)
-            ckpt.prune_exports(self.run_url)
+            ckpt.prune_exports(self.run_url, keep_newest=self.train.keep_checkpoints)
         return storage.join(ckpt.exports_url(self.run_url), name)
 
     def _save_checkpoint(self, metrics: dict[str, float], records: RunRecords | None) -> None:
@@ -523,13 +519,10 @@ def preflight(cfg: Config) -> str:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} but {cfg.data.manifest} holds samples of seq_len "
                           f"{manifest.seq_len}: set train.seq_len={manifest.seq_len} or prepare data with that length")
     model_cfg = resolve_model_config(cfg, manifest)
-    tokenizer_url = storage.join(manifest_dir(cfg.data.manifest), manifest.tokenizer_path)
     try:
-        SentencePieceTokenizer.from_url(tokenizer_url, expected_sha256=manifest.tokenizer_sha256)
-    except storage.StorageNotFound:
-        raise ConfigError(f"{tokenizer_url} (named by {cfg.data.manifest}) does not exist: re-run prep") from None
-    except ValueError as error:
-        raise ConfigError(f"{error} (named by {cfg.data.manifest})") from None
+        load_manifest_tokenizer(cfg.data.manifest, manifest)
+    except TokenizerMismatchError as error:
+        raise ConfigError(str(error)) from None
     missing = [key for key in stage.init_keys if not getattr(cfg.run, key)]
     if stage.init_required and missing:
         raise ConfigError(f"{cfg.stage} needs run.{' and run.'.join(missing)} (the export(s) it starts from, "

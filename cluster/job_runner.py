@@ -65,8 +65,17 @@ class JobRunner:
             env_vars["PYTHONPATH"] = str(REPO_ROOT)
             runtime_env = {}
             entrypoint = f"cd {shlex.quote(str(REPO_ROOT))} && {command}"
-        job_id = self.client.submit_job(entrypoint=entrypoint, runtime_env={**runtime_env, "env_vars": env_vars},
-                                        submission_id=f"{name}-{time.time_ns()}")
+        for attempt in range(30):
+            try:
+                job_id = self.client.submit_job(entrypoint=entrypoint, runtime_env={**runtime_env, "env_vars": env_vars},
+                                                submission_id=f"{name}-{time.time_ns()}")
+                break
+            except RuntimeError as error:
+                # The dashboard answers before its job agent has registered (a head that just started,
+                # or a busy one): Ray asks to try again later.
+                if "No available agent" not in str(error) or attempt == 29:
+                    raise
+                time.sleep(2)
         self.running[name] = job_id
         log.info("[pipeline] submitted %s as Ray job %s", name, job_id)
         return job_id
