@@ -9,8 +9,11 @@ images the overlays deploy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -18,10 +21,16 @@ import shlex
 import shutil
 import subprocess
 import sysconfig
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+
+from core.config import Config, read_toml, resolve
+from core.stages import STAGES
+from launchers.train import SECTIONS as TRAIN_SECTIONS
+from mmrec.config import get_config
 
 from .conftest import K8S, REPO, RULES
 
@@ -77,7 +86,7 @@ def test_overlay_output_validates_strictly(built, overlay):
 def test_cluster_overlay_carries_cluster_monitoring_and_dashboard(built, overlay):
     docs = built[overlay]
     assert sorted(d["kind"] for d in docs) == sorted(
-        ["Namespace", "ConfigMap", "ConfigMap", "ConfigMap", "PodMonitor", "PodMonitor", "PrometheusRule", "RayCluster"]
+        ["Namespace", "ConfigMap", "ConfigMap", "PodMonitor", "PodMonitor", "PrometheusRule", "RayCluster"]
     )
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"mmrec"}
     (dashboard,) = [d for d in objects(docs, "ConfigMap") if d["metadata"]["name"] == "mmrec-grafana-dashboard"]
@@ -132,42 +141,240 @@ def test_pod_monitors_match_the_ports_the_pods_declare(built, overlay):
         assert str(ports["metrics"]) == group["rayStartParams"]["metrics-export-port"]
 
 
-@pytest.mark.parametrize("overlay", ["overlays/cpu-smoke/jobs", "overlays/gpu/jobs"])
+# ---------------------------------------------------------------------------------------------
+# The RayJobs: each entrypoint is what a pod really runs, parsed by the launcher's own parser and
+# resolved by the launcher's own config code; where data and runs live comes from one place.
+
+CLUSTER_OVERLAYS = ["overlays/cpu-smoke", "overlays/gpu"]
+STORAGE_VAR = "MMREC_STORAGE"
+STORAGE_KEYS = {STORAGE_VAR, "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"}
+# run.<key> -> the run it starts from, as the stage table (core.stages) says who needs which.
+INIT_FROM = {"init_from": "run:stage1", "init_from_text": "run:stage2-text", "init_from_code": "run:stage2-code"}
+LAUNCHERS = {"prep": "launchers.prep", **{stage: "launchers.train" for stage in STAGE_JOBS - {"prep"}}}
+
+
+def image_root() -> str:
+    """Where docker/Dockerfile puts the repository in the image (its last WORKDIR, filled by COPY . .)."""
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    root = re.findall(r"^WORKDIR (\S+)$", dockerfile, re.MULTILINE)[-1]
+    assert re.search(r"^COPY (--chown=\S+ )?\. \.$", dockerfile[dockerfile.rindex(f"WORKDIR {root}"):], re.MULTILINE)
+    return root
+
+
+def submitter_env(job: dict, cluster_docs: list[dict]) -> dict[str, str]:
+    """The environment of the job's submitter pod, from its env and the ConfigMaps the cluster overlay creates."""
+    (spec,) = pod_specs(job["spec"]["submitterPodTemplate"])
+    (container,) = spec["containers"]
+    maps = {m["metadata"]["name"]: m.get("data", {}) for m in objects(cluster_docs, "ConfigMap")}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert "secretRef" not in source, "a job submitter only talks to the Ray dashboard: it gets no credentials"
+        name = source["configMapRef"]["name"]
+        assert name in maps, f"{job['metadata']['name']}: the submitter reads ConfigMap {name}, which the cluster overlay lacks"
+        env.update(maps[name])
+    for item in container.get("env", []):
+        env[item["name"]] = item["value"]
+    return env
+
+
+def driver_argv(entrypoint: str, env: dict[str, str], cwd: Path) -> list[str]:
+    """The argv of the job's driver, as KubeRay and Ray produce it.
+
+    KubeRay's submitter runs `/bin/bash -ce -- "... ray job submit --address ... -- <entrypoint> ; ..."`
+    in its pod, so that pod's shell splits the entrypoint and expands its variables; `ray job submit`
+    quotes the words again (shlex.join) for the shell that starts the driver on the head.
+    """
+    lexer = shlex.shlex(entrypoint, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    operators = [word for word in lexer if set(word) <= set("();<>|&")]
+    assert not operators, f"the entrypoint is one command, without shell operators: {operators} in {entrypoint!r}"
+    result = subprocess.run(["/bin/bash", "-ce", "--", 'printf "%s\\0" ' + entrypoint], capture_output=True,
+                            text=True, cwd=cwd, env={"PATH": "/usr/bin:/bin", **env})
+    assert result.returncode == 0, result.stderr
+    return shlex.split(shlex.join(result.stdout.split("\0")[:-1]))
+
+
+def run_launcher(module: str, argv: list[str]) -> tuple[int, str, str]:
+    """`python -m <module> ARGV --print-config` in this process: (exit code, stdout, stderr)."""
+    main = importlib.import_module(module).main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([*argv, "--print-config"])
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def local_argv(argv: list[str]) -> list[str]:
+    """The driver's arguments with the image's repository path mapped to this checkout."""
+    root = image_root().rstrip("/") + "/"
+    config = argv.index("--config") + 1
+    assert argv[config].startswith(root), f"--config {argv[config]}: job configs are files of the image's {root}configs/"
+    local = REPO / argv[config].removeprefix(root)
+    assert local.is_file(), f"--config {argv[config]}: the image has no such file ({local} is missing)"
+    return [*argv[:config], str(local), *argv[config + 1:]]
+
+
+def resolve_job(job: dict, cluster_docs: list[dict], cwd: Path) -> Config:
+    """The Config the job's launcher runs with, or a test failure with the launcher's own error."""
+    argv = driver_argv(job["spec"]["entrypoint"], submitter_env(job, cluster_docs), cwd)
+    stage = job["metadata"]["labels"]["mmrec.io/stage"]
+    assert argv[:3] == ["python", "-m", LAUNCHERS[stage]], argv
+    if stage != "prep":
+        assert argv[3:5] == ["--stage", stage], argv
+    code, out, err = run_launcher(LAUNCHERS[stage], local_argv(argv[3:]))
+    assert code == 0, f"{job['metadata']['name']}: {shlex.join(argv)}\n{err}"
+    return Config.from_dict(tomllib.loads(out))
+
+
+def storage_location(cluster_docs: list[dict]) -> str:
+    (holder,) = [m for m in objects(cluster_docs, "ConfigMap") if STORAGE_VAR in m.get("data", {})]
+    return holder["data"][STORAGE_VAR]
+
+
+@pytest.fixture(scope="module")
+def resolved(built, tmp_path_factory) -> dict[str, dict[str, Config]]:
+    """overlay -> stage -> the Config its RayJob's launcher resolves."""
+    cwd = tmp_path_factory.mktemp("submitter")  # empty: a stray glob in an entrypoint matches nothing here either
+    return {overlay: {job["metadata"]["labels"]["mmrec.io/stage"]: resolve_job(job, built[overlay], cwd)
+                      for job in objects(built[f"{overlay}/jobs"], "RayJob")}
+            for overlay in CLUSTER_OVERLAYS}
+
+
+def _cpus(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+@pytest.mark.parametrize("overlay", CLUSTER_OVERLAYS)
 def test_one_ray_job_per_stage_runs_our_launchers_on_the_cluster(built, overlay):
-    from launchers.train import main as train_main
-
-    cluster_overlay = overlay.removesuffix("/jobs")
-    (cluster,) = objects(built[cluster_overlay], "RayCluster")
-    (job_config,) = [d for d in objects(built[cluster_overlay], "ConfigMap") if d["metadata"]["name"] == "mmrec-job-config"]
-    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
-    mount = next(m for m in head["containers"][0]["volumeMounts"] if m["name"] == "job-config")
-    assert next(v for v in head["volumes"] if v["name"] == "job-config")["configMap"]["name"] == "mmrec-job-config"
-
-    jobs = {j["metadata"]["labels"]["mmrec.io/stage"]: j for j in objects(built[overlay], "RayJob")}
+    (cluster,) = objects(built[overlay], "RayCluster")
+    jobs = {j["metadata"]["labels"]["mmrec.io/stage"]: j for j in objects(built[f"{overlay}/jobs"], "RayJob")}
     assert set(jobs) == STAGE_JOBS
     for stage, job in jobs.items():
+        assert job["metadata"]["name"] == f"mmrec-{stage}"
         assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
-        argv = shlex.split(job["spec"]["entrypoint"])
-        if stage == "prep":
-            assert argv[:3] == ["python", "-m", "launchers.prep"] and "--out" in argv
-            assert argv[argv.index("--out") + 1].startswith("s3://")
-            continue
-        assert argv[:5] == ["python", "-m", "launchers.train", "--stage", stage]
-        config_path = argv[argv.index("--config") + 1]
-        assert config_path == f"{mount['mountPath']}/job.toml"
+        assert job["spec"]["submissionMode"] == "K8sJobMode"  # the mode whose submitter pod expands the entrypoint
+        words = shlex.split(job["spec"]["entrypoint"])
+        assert words[:3] == ["python", "-m", LAUNCHERS[stage]] and words.count("--config") == 1
 
-    # The launcher accepts each stage's arguments with the overlay's config (the file the head
-    # pod mounts), parsed and validated by the real CLI.
-    return_codes = {}
-    for stage, job in jobs.items():
-        if stage == "prep":
-            continue
-        argv = shlex.split(job["spec"]["entrypoint"])[3:]
-        local = REPO / "k8s" / cluster_overlay / "job.toml"
-        assert local.read_text() == job_config["data"]["job.toml"]
-        argv[argv.index("--config") + 1] = str(local)
-        return_codes[stage] = train_main([*argv, "--print-config"])
-    assert return_codes == {s: 0 for s in STAGE_JOBS - {"prep"}}
+
+@pytest.mark.parametrize("overlay", CLUSTER_OVERLAYS)
+def test_every_ray_job_entrypoint_parses_and_resolves_with_the_launchers_code(built, resolved, overlay):
+    configs = dict(resolved[overlay])
+    storage = storage_location(built[overlay])
+    prep = configs.pop("prep").prep
+    assert prep.out == f"{storage}/data"
+    for source in prep.sources:  # corpora come from the overlay's bucket (or the image's demo files)
+        assert source.startswith("demo") or f":{storage}/" in source, source
+    (cluster,) = objects(built[overlay], "RayCluster")
+    for stage, cfg in configs.items():
+        assert cfg.stage == stage and cfg.run_name == stage  # run:<stage> finds it
+        assert cfg.engine.kind == "deepspeed"
+        assert cfg.data.manifest == f"{prep.out}/manifest.json"  # what prep writes
+        assert cfg.run.storage_path == f"{storage}/runs"
+        needs = STAGES[stage].init_keys if STAGES[stage].init_required else ()  # stage1 starts from scratch
+        for key, run in INIT_FROM.items():
+            assert getattr(cfg.run, key) == (run if key in needs else ""), (stage, key)
+        assert cfg.train.seq_len == prep.seq_len, f"{stage} trains on samples of prep.seq_len tokens"
+        assert cfg.metrics.enabled, "the PodMonitor scrapes the workers' exporters"
+        get_config(cfg.model_name, **cfg.model_overrides)  # the model the workers build
+        # The workers fit the RayCluster, and every worker a pod can hold has a declared metrics port.
+        capacity = 0
+        for group in cluster["spec"]["workerGroupSpecs"]:
+            (container,) = group["template"]["spec"]["containers"]
+            limits = container["resources"]["limits"]
+            gpus = int(limits.get("nvidia.com/gpu", 0))
+            if bool(gpus) != cfg.scaling.use_gpu:
+                continue
+            per_pod = int(_cpus(limits["cpu"]) // cfg.scaling.cpus_per_worker)
+            per_pod = min(per_pod, gpus) if cfg.scaling.use_gpu else per_pod
+            ports = [p for p in container["ports"] if p["name"].startswith("mmrec-metrics-")]
+            assert per_pod <= len(ports), f"{stage}: a {group['groupName']} pod holds {per_pod} workers"
+            capacity += group["replicas"] * per_pod
+        assert cfg.scaling.num_workers <= capacity, f"{stage}: {cfg.scaling.num_workers} workers, room for {capacity}"
+
+
+def test_cpu_smoke_jobs_are_the_smoke_pipeline(built, resolved):
+    """configs/smoke.toml itself, changed only where Kubernetes differs: storage and metrics."""
+    root = image_root()
+    for job in objects(built["overlays/cpu-smoke/jobs"], "RayJob"):
+        words = shlex.split(job["spec"]["entrypoint"])
+        assert words[words.index("--config") + 1] == f"{root}/configs/smoke.toml"
+    smoke = read_toml(REPO / "configs" / "smoke.toml")
+    differs = {"data": {"manifest"}, "run": {"storage_path", *INIT_FROM}, "metrics": {"enabled"},
+               "scaling": {"num_workers", "cpus_per_worker"}}
+
+    def kept(values: dict, allowed: dict) -> dict:  # the sections a stage job runs with (what it prints)
+        return {section: ({k: v for k, v in body.items() if k not in allowed.get(section, set())}
+                          if isinstance(body, dict) else body)
+                for section, body in values.items() if section in ("stage", *TRAIN_SECTIONS)}
+
+    configs = dict(resolved["overlays/cpu-smoke"])
+    prep = configs.pop("prep")
+    for stage, cfg in configs.items():
+        assert kept(cfg.to_dict(), differs) == kept(resolve(smoke, stage=stage).to_dict(), differs), stage
+    # Prep as the pipeline runs it: the stages' seq_len (checked above), its own out, no progress bars.
+    pipeline_prep = resolve(smoke).to_dict()["prep"]
+    assert {k: v for k, v in prep.to_dict()["prep"].items() if k not in ("out", "seq_len", "progress")} == {
+        k: v for k, v in pipeline_prep.items() if k not in ("out", "seq_len", "progress")}
+
+
+def test_gpu_jobs_run_the_gpu_config(built, resolved):
+    root = image_root()
+    for job in objects(built["overlays/gpu/jobs"], "RayJob"):
+        words = shlex.split(job["spec"]["entrypoint"])
+        assert words[words.index("--config") + 1] == f"{root}/configs/gpu.toml"
+    (cluster,) = objects(built["overlays/gpu"], "RayCluster")
+    (gpu_group,) = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    gpus = gpu_group["replicas"] * int(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    configs = dict(resolved["overlays/gpu"])
+    configs.pop("prep")
+    for stage, cfg in configs.items():
+        assert cfg.model_name == "mmrec-100m"
+        assert cfg.scaling.use_gpu and cfg.scaling.num_workers == gpus, f"{stage}: one worker per GPU of the gpu group"
+        assert cfg.train.precision == "bf16" and cfg.engine.zero_stage == 2
+
+
+@pytest.mark.parametrize("overlay", CLUSTER_OVERLAYS)
+def test_storage_location_is_set_in_one_place_per_overlay(built, overlay):
+    cluster_docs, job_docs = built[overlay], built[f"{overlay}/jobs"]
+    (holder,) = [m for m in objects(cluster_docs, "ConfigMap") if STORAGE_VAR in m.get("data", {})]
+    storage = holder["data"][STORAGE_VAR]
+    assert re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[\w.-]+)*", storage), storage
+    assert set(holder["data"]) <= STORAGE_KEYS, "the storage ConfigMap holds locations, never credentials"
+    # The built objects name a bucket once: that ConfigMap; everything else reads it.
+    assert json.dumps(cluster_docs + job_docs).count("s3://") == 1
+    # ... and so do the files: one line of the overlay, none in the base or the job configs.
+    lines = [(path.relative_to(REPO).as_posix(), line.strip())
+             for path in [*(K8S / "base").rglob("*.yaml"), *(K8S / overlay).rglob("*.yaml"),
+                          *(REPO / "configs").glob("*.toml")]
+             for line in path.read_text().splitlines() if "s3://" in line and not line.strip().startswith("#")]
+    assert lines == [(f"k8s/{overlay}/kustomization.yaml", f"- {STORAGE_VAR}={storage}")]
+    reader = {"configMapRef": {"name": holder["metadata"]["name"]}}
+    for cluster in objects(cluster_docs, "RayCluster"):
+        for spec in pod_specs(cluster):
+            assert reader in spec["containers"][0]["envFrom"]
+    for job in objects(job_docs, "RayJob"):
+        assert re.search(rf"\$({STORAGE_VAR}\b|{{{STORAGE_VAR}}})", job["spec"]["entrypoint"]), job["metadata"]["name"]
+        (spec,) = pod_specs(job["spec"]["submitterPodTemplate"])
+        assert reader in spec["containers"][0]["envFrom"]
+
+
+@pytest.mark.parametrize("change, named", [
+    (("--set run.storage_path=", "--set run.storage="), "storage"),
+    (("--set run.storage_path=", "--set train.bf16=true --set run.storage_path="), "bf16"),
+    (("--set run.storage_path=", "--set engine.zero_stage=5 --set run.storage_path="), "zero_stage"),
+    (("--set run.storage_path=", "--set scaling.num_workers=0 --set run.storage_path="), "scaling.num_workers=0"),
+    (("--stage stage1", "--stage stage1 --no-progress"), "unrecognized arguments: --no-progress"),
+    (("configs/gpu.toml", "configs/h100.toml"), "h100.toml"),
+])
+def test_a_wrong_key_or_value_in_an_entrypoint_fails_naming_it(built, tmp_path, change, named):
+    job = copy.deepcopy(next(j for j in objects(built["overlays/gpu/jobs"], "RayJob") if j["metadata"]["name"] == "mmrec-stage1"))
+    assert change[0] in job["spec"]["entrypoint"]
+    job["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace(change[0], change[1])
+    with pytest.raises(AssertionError, match=re.escape(named)):
+        resolve_job(job, built["overlays/gpu"], tmp_path)
 
 
 @pytest.mark.parametrize(
