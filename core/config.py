@@ -266,6 +266,7 @@ class PipelineConfig:
     # The fused model must be no worse than each expert on its own domain (within this many nats)
     # and no worse than the experts routed by an oracle on mixed data (within it again).
     fusion_slack: float = 0.02
+    enforce_checks: bool = True  # false: report failed checks without failing the run (quick experiments)
     prompt: str = "def "
     sample_tokens: int = 60
 

@@ -396,19 +396,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def upload_dir(local_dir: str | Path, url: str) -> None:
+def upload_dir(local_dir: str | Path, url: str, *, last: tuple[str, ...] = ()) -> None:
     """Copy the local directory `local_dir` to `url`, replacing what is there.
 
     Local: copied beside the target, fsynced and renamed into place, so readers see the old or the
-    new directory. S3: every file uploaded (multipart when large); readers must only trust the
-    directory once whatever points at it has been written after this returns.
+    new directory. S3: every file uploaded (multipart when large), those under the sub-directories
+    named in `last` after all others (completion markers); readers must only trust the directory
+    once whatever marks it complete has been written after everything else.
     """
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
         raise StorageNotFound(f"{local_dir} is not a directory")
     if is_s3(url):
-        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            write_bytes(join(url, path.relative_to(local_dir).as_posix()), path.read_bytes())
+        files = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+        for name in sorted(files, key=lambda name: name.split("/", 1)[0] in last):
+            write_bytes(join(url, name), (local_dir / name).read_bytes())
         return
     final = Path(local_path(url))
     if final.resolve() == local_dir.resolve():

@@ -167,7 +167,7 @@ def publish_checkpoint(local_dir: Path, run_url: str, name: str, *, keep: int) -
     Distributed runs hand the same directory to ray.train.report instead, which uploads and prunes.
     """
     target = storage.join(run_url, name)
-    storage.upload_dir(local_dir, target)
+    storage.upload_dir(local_dir, target, last=(COMPLETE_DIR,))
     for old in list_checkpoints(run_url)[keep:]:
         storage.delete_tree(storage.join(run_url, old))
     return target
