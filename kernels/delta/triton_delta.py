@@ -16,7 +16,7 @@ order, carrying its block of the state in registers (fp32; fp64 for fp64 inputs)
     backward  walks the chunks in reverse, carrying dH, recomputing each chunk's intra-chunk
               terms from q, k, v, log_alpha, beta and the saved entering state. Gradients that
               sum over value columns (dq, dk, dbeta, dlog_alpha) are written per value block
-              into fp32 partials [NV, ...] and summed by torch afterwards; dv and d initial_state
+              into partials [NV, ...] (accumulation dtype) summed by torch afterwards; dv and d initial_state
               belong to one block and are written directly.
 
 Decays: g = cumsum(log_alpha) inside the chunk is accumulated in fp64 and only differences
@@ -28,16 +28,21 @@ strictly-upper mask. Ragged chunks: loads past T read q = k = v = 0, beta = 0, l
 
 Tile constraints: tl.dot needs every dimension >= 16. CHUNK and the key/value tiles are powers
 of two >= 16; Dk and Dv of any size are padded up to the tile with masked loads (zero keys and
-values change nothing), so only chunk_size is constrained: a power of two >= 16, validated with a
-clear message. Dots accumulate in fp32 and run on tensor cores: TF32 for bf16/fp16 inputs (10
-mantissa bits, more than bf16's 8) and 3xTF32 for fp32 inputs (a split-precision product that
-is about as accurate as fp32; IEEE fp32 dots compile to FMA loops that took 4 minutes to compile
-and bigger cubins). fp64 inputs use fp64 dots (ieee) with value blocks of 32 columns, so the
-backward's tiles stay under the 227 KiB of shared memory of an H100/H200 (~181 KiB; fp32 ~164
-KiB at chunk 64, Dk = Dv = 64, measured by compiling for sm_90). Larger Dk (whole key tiles
-per program) may need chunk_size 32; Triton reports "out of resource: shared memory" if so. Outputs are allocated full of NaN, so a tile a kernel forgot to write
-cannot pass for a result. Under TRITON_INTERPRET=1 (set before Triton is imported) the kernels
-run on CPU tensors.
+values change nothing), so only chunk_size is constrained: a power of two >= 16, validated with
+a clear message.
+
+Dot precision: bf16/fp16 inputs use TF32 tensor-core dots (10 mantissa bits, more than bf16's 8)
+and fp32 inputs 3xTF32 (split-precision, about as accurate as fp32), both accumulating in fp32;
+IEEE fp32 dots compile to FMA loops (2 and 4 minutes to compile the forward and backward, 2 MB
+cubins). fp64 inputs use fp64 dots with value blocks of 32 columns. Shared memory at chunk 64,
+Dk = Dv = 64 (compiled for sm_90): backward 160 KiB (bf16, fp32) and 177 KiB (fp64), under the
+227 KiB of an H100/H200 block. A larger Dk (the whole key width is one tile) may need chunk_size
+32; Triton reports "out of resource: shared memory" if so.
+
+Outputs are allocated full of NaN, so a tile a kernel forgot to write cannot pass for a result.
+Under TRITON_INTERPRET=1 (set before Triton is imported) the kernels run on CPU tensors. Status:
+checked under the interpreter and by compiling for sm_90; not yet run on a GPU
+(tests/kernels/test_delta_cuda.py is ready for one).
 """
 from __future__ import annotations
 
