@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-EXTRAS := data,cluster,monitoring,test
+EXTRAS := data,cluster,monitoring,test,eval
 
 .PHONY: setup smoke test test-fast test-slow bench clean
 

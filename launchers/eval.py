@@ -5,7 +5,9 @@
 
 --data: a manifest.json (its val split, per domain and mixed), a JSONL / Parquet file, a directory of
 text files, or any prep source (jsonl:PATH?text_field=content, dir:PATH?domain=code, ...); raw text is
-tokenized with the export's own tokenizer and packed like training samples. A fused export is scored
+tokenized with the export's own tokenizer and packed like training samples, each row read as a document
+start: its first token is predicted from EOS, so every token is scored (one document of seq_len + 1
+tokens is one row, scored as lm-eval's loglikelihood_rolling scores it). A fused export is scored
 on each path (fused, text expert, code expert); prints a table and, with --json, writes it.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
         loaded = open_export(options.export, storage_path=cfg.run.storage_path, device=options.device)
         export, model, tokenizer, device, url = loaded.export, loaded.model, loaded.tokenizer, loaded.device, loaded.url
+        start_id = None  # manifest rows are scored as in training validation
         if options.data.endswith("manifest.json"):
             from core.manifest import load_manifest
 
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
             data = packed_batches(options.data, tokenizer, seq_len=export.model_config.seq_len,
                                   batch_size=options.batch_size, max_tokens=options.max_tokens)
+            start_id = tokenizer.eos_id  # raw text: a row's first token is scored too, predicted from EOS
         paths = model_paths(model)
         if options.path not in ("all", "auto"):
             if options.path not in paths:
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             forward = path_forward(model, path)
             table[path] = {}
             for domain, batches in data.items():
-                result = score_rows(forward, batches, device).result()
+                result = score_rows(forward, batches, device, start_id=start_id).result()
                 table[path][domain] = {"loss": result.loss, "perplexity": result.perplexity,
                                        "accuracy": result.accuracy, "tokens": result.tokens}
         domains = list(data)

@@ -47,11 +47,17 @@ class RowScores:
 
 @torch.no_grad()
 def score_rows(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict],
-               device: torch.device | str = "cpu") -> RowScores:
-    """forward(inputs [B, T]) -> logits [B, T, V] scored on labels = tokens[:, 1:] of every batch."""
+               device: torch.device | str = "cpu", *, start_id: int | None = None) -> RowScores:
+    """forward(inputs [B, T]) -> logits [B, T, V] scored on labels = tokens[:, 1:] of every batch.
+
+    start_id (raw text: the EOS id): every row reads as a document start instead, inputs = start_id +
+    tokens[:, :-1] scored on all of tokens, so a row's first token is predicted from EOS as the first
+    token of a document is in training (and as lm-eval's loglikelihood_rolling scores a document)."""
     nll, correct, tokens, domains = [], [], [], []
     for batch in batches:
         ids = batch["tokens"].to(device)  # [B, T + 1]
+        if start_id is not None:
+            ids = torch.cat([torch.full_like(ids[:, :1], start_id), ids], dim=1)  # [B, T + 2]
         logits = forward(ids[:, :-1]).float()  # [B, T, V]
         labels = ids[:, 1:]
         losses = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # [B, T]

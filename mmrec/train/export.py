@@ -1,14 +1,17 @@
 """Consolidated weight exports: what one stage hands to the next stage, to generate and to eval.
 
-An export is a directory (a run's exports/step_N/, local or on S3):
+An export is a directory (a run's exports/step_N/, local or on S3) in the interoperable layout of
+mmrec.hub, so `mmrec.from_pretrained(directory)` loads it without this package:
 
-    model.safetensors   fp32 weights (tied tensors stored once per name)
-    export.json         {"kind": "expert" | "mmrec", "model_config": {...}, "stage", "step", "metrics"}
+    config.json         {"model_type": "mmrec", "kind": "expert" | "mmrec", "format_version": 1,
+                         <the ModelConfig fields>, "training": {"stage", "step", "metrics"}}
+    model.safetensors   fp32 weights, one tensor per state-dict name
     tokenizer.model     the SentencePiece model the data was cut with
 
 kind "expert" is one Expert's state dict (the stage-1 base or a stage-2 expert); kind "mmrec" is the
 full fused model (stage 3). Both engines write it from a full fp32 state dict of the stage's model
-(the DeepSpeed engine gathers that from its ZeRO partitions first).
+(the DeepSpeed engine gathers that from its ZeRO partitions first). Exports of the earlier layout
+(export.json instead of config.json) still read.
 """
 from __future__ import annotations
 
@@ -20,19 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core import storage
-from core.tokenizer import TOKENIZER_FILE
+from mmrec import hub
+from mmrec.hub import CONFIG_FILE, KINDS, WEIGHTS_FILE, ExportError  # noqa: F401 - ExportError is this module's error
 
-WEIGHTS_FILE, INFO_FILE = "model.safetensors", "export.json"
-KINDS = ("expert", "mmrec")
-
-
-class ExportError(ValueError):
-    """A directory is not a usable export; the message names the file and the problem."""
+TRAINING_KEY = "training"  # config.json's key for the training metadata: stage, step, metrics
+LEGACY_INFO_FILE = "export.json"  # the layout before config.json
 
 
 @dataclass
@@ -41,12 +39,12 @@ class Export:
     kind: str
     model_config: Any  # mmrec.ModelConfig
     state_dict: dict[str, torch.Tensor]
-    info: dict[str, Any]
+    info: dict[str, Any]  # kind, model_config (a dict), stage, step, metrics
 
 
 def export_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """A module's weights as fp32 CPU tensors (clones: tied weights share storage, safetensors refuses that)."""
-    return {name: t.detach().float().cpu().contiguous().clone() for name, t in module.state_dict().items()}
+    return hub.fp32_state(module)
 
 
 def write_export(
@@ -71,13 +69,9 @@ def write_export(
     directory = Path(directory)
     if directory.exists():
         shutil.rmtree(directory)
-    directory.mkdir(parents=True)
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"kind": kind, "stage": stage})
-    info = dict(kind=kind, model_config=model_config.to_dict(), stage=stage, step=step, metrics=metrics or {})
-    (directory / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)
-    return directory
+    training = {"stage": stage, "step": step, "metrics": metrics or {}}
+    return hub.write_pretrained(directory, tensors, kind=kind, model_config=model_config,
+                                tokenizer_file=tokenizer_file, extra={TRAINING_KEY: training})
 
 
 def export_module(directory: str | Path, module: nn.Module, *, kind: str, model_config: Any, stage: str,
@@ -96,41 +90,37 @@ def read_export(path: str | Path, *, cache_dir: str | Path | None = None) -> Exp
     else:
         local = Path(storage.local_path(url))
     directory = local.parent if local.is_file() else local
-    info_path, weights_path = directory / INFO_FILE, directory / WEIGHTS_FILE
-    if not info_path.is_file() or not weights_path.is_file():
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file() and (directory / LEGACY_INFO_FILE).is_file():
+        config_path = directory / LEGACY_INFO_FILE
+    has_weights = (directory / WEIGHTS_FILE).is_file() or (directory / hub.WEIGHTS_INDEX_FILE).is_file()
+    if not config_path.is_file() or not has_weights:
         raise ExportError(
-            f"{path} is not a weights export: expected {WEIGHTS_FILE} and {INFO_FILE} in it "
+            f"{path} is not a weights export: expected {WEIGHTS_FILE} and {CONFIG_FILE} in it "
             "(exports are written by training into <run>/exports/; run:<name> finds a run's best one)"
         )
-    from mmrec import ModelConfig
-
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ExportError(f"{info_path} is not valid JSON ({error}); the export is damaged: re-export it") from None
-    if not isinstance(info, dict) or info.get("kind") not in KINDS:
-        raise ExportError(f"{info_path}: kind {info.get('kind') if isinstance(info, dict) else info!r} is not one of {KINDS}")
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError) as error:
-        raise ExportError(f"{weights_path} is truncated or corrupt ({error}); re-export it from its run") from None
-    try:
-        model_config = ModelConfig.from_dict(info["model_config"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ExportError(f"{info_path}: model_config is unusable ({error})") from None
-    return Export(directory=directory, kind=info["kind"], model_config=model_config, state_dict=state, info=info)
+    if config_path.name == LEGACY_INFO_FILE:
+        try:
+            legacy = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ExportError(f"{config_path} is not valid JSON ({error}); the export is damaged: re-export it") from None
+        if not isinstance(legacy, dict) or not isinstance(legacy.get("model_config"), dict) or legacy.get("kind") not in KINDS:
+            raise ExportError(f"{config_path}: not an export description (kind one of {KINDS} and a model_config)")
+        config = {"kind": legacy["kind"], **legacy["model_config"],
+                  TRAINING_KEY: {key: legacy.get(key) for key in ("stage", "step", "metrics")}}
+    else:
+        config = hub.read_config(directory)
+    state = hub.load_weights(directory)
+    model_config = hub.model_config_of(config, config_path)
+    training = config.get(TRAINING_KEY) if isinstance(config.get(TRAINING_KEY), dict) else {}
+    info = {"stage": None, "step": None, "metrics": {}, **training, "kind": config["kind"],
+            "model_config": model_config.to_dict()}
+    return Export(directory=directory, kind=config["kind"], model_config=model_config, state_dict=state, info=info)
 
 
 def build_from_export(export: Export) -> nn.Module:
     """The model an export describes (an Expert or a full MMRec) with its weights loaded, in eval mode."""
-    from mmrec import build_base, build_model
-
-    model = build_base(export.model_config) if export.kind == "expert" else build_model(export.model_config)
-    try:
-        model.load_state_dict(export.state_dict, strict=True)
-    except RuntimeError as error:
-        raise ExportError(f"{export.directory}: the weights do not fit its model_config ({error})") from None
-    return model.eval()
+    return hub.build(export.kind, export.model_config, export.state_dict, export.directory)
 
 
 @dataclass
