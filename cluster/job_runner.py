@@ -105,7 +105,7 @@ class JobRunner:
                 for line in lines[printed[name]:]:
                     line = _WORKER_PREFIX.sub("", _ANSI.sub("", line))
                     if (any(mark in line for mark in echo) or "error" in line.lower()) and line != last_echo[name]:
-                        print(f"  {name} | {line}", flush=True)
+                        log.info("  %s | %s", name, line)
                         last_echo[name] = line
                 printed[name] = len(lines)
                 if status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):

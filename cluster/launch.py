@@ -81,7 +81,7 @@ def run_stage(cfg: Config) -> StageResult:
                                                                                    "init_from_code")
                            if getattr(cfg.run, key) and not getattr(cfg.run, key).startswith("run:")})
     log.info("[%s] %s", cfg.stage, preflight(cfg))
-    connect(cfg.ray, runtime_env={"env_vars": storage.forwarded_env()})
+    connect(cfg.ray)
     _wait_for_resources(cfg)
     scaling = cfg.scaling
     fs, root = storage.pyarrow_filesystem(cfg.run.storage_path)

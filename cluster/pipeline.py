@@ -196,10 +196,10 @@ def evaluate_pipeline(manifest: str, exports: dict[str, str], eval_batches: int)
     table["oracle-routed experts"] = {"mixed": {"loss": oracle.loss, "perplexity": oracle.perplexity,
                                                 "accuracy": oracle.accuracy, "tokens": oracle.tokens}}
     _info("validation loss (nats/token; same batches for every model):")
-    print(f"  {'model':24s} {'text':>8s} {'code':>8s} {'mixed':>8s}", flush=True)
+    log.info("  %-24s %8s %8s %8s", "model", "text", "code", "mixed")
     for name, scores in table.items():
         cells = [f"{scores[d]['loss']:8.4f}" if d in scores else f"{'':8s}" for d in ("text", "code", "mixed")]
-        print(f"  {name:24s} {' '.join(cells)}", flush=True)
+        log.info("  %-24s %s", name, " ".join(cells))
     return table
 
 

@@ -45,9 +45,13 @@ def _probe(address: str, timeout: float) -> None:
         ) from None
 
 
-def connect(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None, num_cpus: int | None = None,
-            quiet: bool = True) -> str:
-    """ray.init for the chosen cluster within cfg.connect_timeout_s; returns the address used."""
+def connect(cfg: RayConfig, *, num_cpus: int | None = None, quiet: bool = True) -> str:
+    """ray.init for the chosen cluster within cfg.connect_timeout_s; returns the address used.
+
+    No runtime_env here: inside a submitted job Ray refuses a driver's env_vars that repeat the
+    job's, and what the workers need travels with them (Ray Train's worker_runtime_env, prep's
+    S3 settings as a task argument); a fresh local instance inherits this process's environment.
+    """
     import ray
 
     if ray.is_initialized():
@@ -66,7 +70,7 @@ def connect(cfg: RayConfig, *, runtime_env: dict[str, Any] | None = None, num_cp
 
     threading.Thread(target=deadline, name="ray-connect-deadline", daemon=True).start()
     try:
-        kwargs: dict[str, Any] = dict(address=address, runtime_env=runtime_env, log_to_driver=True)
+        kwargs: dict[str, Any] = dict(address=address, log_to_driver=True)
         if address == "local":
             kwargs.update(num_cpus=num_cpus, include_dashboard=False)
         if quiet:

@@ -320,7 +320,8 @@ def list_files(url: str, pattern: str | None = None) -> list[str]:
             keys = []
             for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
                                                                             Prefix=prefix):
-                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+                # Keys ending in "/" are directory markers (pyarrow and Ray Train write them), not files.
+                keys.extend(obj["Key"] for obj in page.get("Contents", []) if not obj["Key"].endswith("/"))
             return keys
 
         relative = [key[len(prefix):] for key in with_retries(list_all, what=base)]

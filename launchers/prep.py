@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         from datasets_prep.pipeline import run_prep
 
         storage.check_writable_location(cfg.prep.out)  # before Ray starts: a bad bucket fails in a second
-        connect(cfg.ray, runtime_env={"env_vars": storage.forwarded_env()})
+        connect(cfg.ray)
         print(run_prep(cfg.prep))
         return 0
 

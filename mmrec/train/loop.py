@@ -519,6 +519,14 @@ def preflight(cfg: Config) -> str:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} but {cfg.data.manifest} holds samples of seq_len "
                           f"{manifest.seq_len}: set train.seq_len={manifest.seq_len} or prepare data with that length")
     model_cfg = resolve_model_config(cfg, manifest)
+    for domain in stage.domains:
+        for split in ("train", "val") if cfg.train.eval_every else ("train",):
+            if not sum(shard.samples for shard in manifest.select(domain, split)):
+                have = sorted({(s.domain, s.split) for s in manifest.shards})
+                raise ConfigError(
+                    f"{cfg.data.manifest} has no {domain}/{split} samples (it has {have}), which {cfg.stage} needs: "
+                    + ("prepare more data or a larger prep.val_fraction, or set train.eval_every=0 to train without "
+                       "validation" if split == "val" else "prepare data with that domain"))
     try:
         load_manifest_tokenizer(cfg.data.manifest, manifest)
     except TokenizerMismatchError as error:

@@ -54,7 +54,8 @@ def evaluate(model: nn.Module, batches: Iterable[dict], forward: ForwardFn) -> E
         loss_sum, correct, count = 0.0, 0, 0
         for batch in batches:
             tokens = batch["tokens"]
-            loss, n_correct = lm_loss(forward(tokens[:, :-1]), tokens)
+            logits = forward(tokens[:, :-1])  # the forward moves its inputs to the model's device
+            loss, n_correct = lm_loss(logits, tokens.to(logits.device))
             n = tokens.shape[0] * (tokens.shape[1] - 1)
             loss_sum += loss.item() * n
             correct += int(n_correct)

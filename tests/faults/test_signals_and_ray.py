@@ -3,6 +3,7 @@ SIGINT stops training with a checkpoint that resumes, and a stopped pipeline lea
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,25 +65,31 @@ def test_sigint_during_training_checkpoints_at_the_next_step_and_the_run_resumes
 def test_prep_never_joins_a_stale_ray_session(tmp_path):
     # A head started with the machine's default temp dir (here a private RAY_TMPDIR) leaves its session
     # file behind when it is stopped by PID; a bare ray.init() would sit there forever.
-    ray_tmp = tmp_path / "raytmp"
-    ray_tmp.mkdir()
+    ray_tmp = Path(f"/tmp/rt-{os.getpid()}")  # short: Ray's socket paths live under it
     env = {"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
-    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-                             f"--port={free_port()}", "--num-cpus=1", "--include-dashboard=false",
-                             "--disable-usage-stats"], env={**os.environ, **env}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(ray_tmp.rglob("ray_current_cluster")) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert list(ray_tmp.rglob("ray_current_cluster")), "the head wrote no session file"
-    os.killpg(head.pid, signal.SIGKILL)
-    head.wait()
-    started = time.monotonic()
-    ran = launch("launchers.prep", "--source", "demo?max_mb=0.2", "--out", str(tmp_path / "data"), "--vocab-size", "300",
-                 "--seq-len", "32", "--no-progress", env=env, timeout=400)
-    assert ran.code == 0, ran.text[-3000:]
-    assert (tmp_path / "data" / "manifest.json").is_file()
-    assert time.monotonic() - started < 400
+    try:
+        started = subprocess.run([str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={free_port()}",
+                                  "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
+                                 env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        assert list(ray_tmp.rglob("ray_current_cluster")), "the head wrote no session file"
+        head = [p for p in psutil.process_iter(["cmdline"]) if str(ray_tmp) in " ".join(p.info["cmdline"] or [])]
+        assert head, "no process of that head found"
+        for process in head:  # stopped by PID, not by `ray stop`: the session file stays
+            process.kill()
+        psutil.wait_procs(head, timeout=30)
+        assert list(ray_tmp.rglob("ray_current_cluster"))
+        began = time.monotonic()
+        ran = launch("launchers.prep", "--source", "demo?max_mb=0.2", "--out", str(tmp_path / "data"),
+                     "--vocab-size", "512", "--seq-len", "32", "--no-progress", env=env, timeout=400)
+        assert ran.code == 0, ran.text[-3000:]
+        assert "connected to Ray at local" in ran.text and (tmp_path / "data" / "manifest.json").is_file()
+        assert time.monotonic() - began < 400
+    finally:
+        for process in psutil.process_iter(["cmdline"]):
+            if str(ray_tmp) in " ".join(process.info["cmdline"] or []):
+                process.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_a_closed_ray_address_fails_at_once_naming_it(tmp_path):
@@ -135,8 +142,8 @@ def _all_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Pr
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
 def test_a_stopped_pipeline_stops_its_jobs_and_its_head(tmp_path, how):
-    process = _start("launchers.pipeline", "--out", str(tmp_path / "smoke"), "--set", "prep.sources=[\"demo?max_mb=0.3\"]",
-                     "--set", "train.max_steps=400")
+    process = _start("launchers.pipeline", "--out", str(tmp_path / "smoke"), "--set", "prep.sources=[\"demo?max_mb=0.6\"]",
+                     "--set", "prep.val_fraction=0.25", "--set", "train.max_steps=400")
     _read_until(process, "submitted stage1", timeout=600)
     time.sleep(5)  # the stage-1 workers are starting
     spawned = _descendants(process.pid)

@@ -24,19 +24,18 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def make_log_a(shape, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Log decays in [-20, 0]: moderate (-1, 0], strong ~ -20, weak ~ 0 (some exactly 0), or a mix."""
     u = torch.rand(shape, generator=generator, dtype=torch.float64)
-    moderate = -u
-    strong = -20.0 + 0.5 * u
     weak = torch.where(u < 0.1, torch.zeros_like(u), -1e-4 * u)
-    if mode == "moderate":
-        return moderate
-    if mode == "strong":
-        return strong
-    if mode == "weak":
-        return weak
+    return _by_mode(mode, DECAY_MODES, shape, generator, moderate=-u, strong=-20.0 + 0.5 * u, weak=weak)
+
+
+def _by_mode(mode: str, modes: tuple[str, ...], shape, generator: torch.Generator, **candidates: torch.Tensor) -> torch.Tensor:
+    """One of the candidates by name, or with mode "mixed" a per-element pick of strong, weak and moderate."""
+    if mode in candidates:
+        return candidates[mode]
     if mode == "mixed":
         pick = torch.randint(0, 3, shape, generator=generator)
-        return torch.where(pick == 0, strong, torch.where(pick == 1, weak, moderate))
-    raise ValueError(f"unknown decay mode {mode!r}; choose one of {DECAY_MODES}")
+        return torch.where(pick == 0, candidates["strong"], torch.where(pick == 1, candidates["weak"], candidates["moderate"]))
+    raise ValueError(f"unknown mode {mode!r}; choose one of {modes}")
 
 
 @dataclass
@@ -118,19 +117,9 @@ def make_beta(shape, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Write strengths in [0, 1], paired with make_log_a's modes: strong ~ 1 (some exactly 1),
     weak ~ 0 (some exactly 0), moderate uniform, mixed a per-step pick of the three."""
     u = torch.rand(shape, generator=generator, dtype=torch.float64)
-    moderate = u
     strong = torch.where(u < 0.1, torch.ones_like(u), 1.0 - 0.01 * u)
     weak = torch.where(u < 0.1, torch.zeros_like(u), 1e-3 * u)
-    if mode == "moderate":
-        return moderate
-    if mode == "strong":
-        return strong
-    if mode == "weak":
-        return weak
-    if mode == "mixed":
-        pick = torch.randint(0, 3, shape, generator=generator)
-        return torch.where(pick == 0, strong, torch.where(pick == 1, weak, moderate))
-    raise ValueError(f"unknown gate mode {mode!r}; choose one of {GATE_MODES}")
+    return _by_mode(mode, GATE_MODES, shape, generator, moderate=u, strong=strong, weak=weak)
 
 
 @dataclass

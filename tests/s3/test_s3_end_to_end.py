@@ -63,8 +63,8 @@ def losses(run_url: str) -> list[tuple[int, float]]:
 
 def test_the_smoke_pipeline_runs_with_everything_on_s3(s3, tmp_path):
     out = f"s3://{s3.bucket}/smoke"
-    ran = launch("launchers.pipeline", "--out", out, "--set", 'prep.sources=["demo?max_mb=0.3"]',
-                 "--set", "prep.vocab_size=512", "--set", "train.max_steps=12", "--set", "train.eval_every=6",
+    ran = launch("launchers.pipeline", "--out", out, "--set", 'prep.sources=["demo?max_mb=0.6"]',
+                 "--set", "prep.vocab_size=512", "--set", "prep.val_fraction=0.25", "--set", "train.max_steps=12", "--set", "train.eval_every=6",
                  "--set", "train.checkpoint_every=6", "--set", "pipeline.enforce_checks=false",
                  "--set", "pipeline.eval_batches=2", timeout=1500)
     assert ran.code == 0, ran.text[-4000:]
@@ -91,13 +91,13 @@ def test_a_killed_worker_restarts_from_its_s3_checkpoint_with_the_same_losses(s3
     manifest = upload_dataset(tmp_path, f"s3://{s3.bucket}/data")
     runs = f"s3://{s3.bucket}/runs"
     common = dict(engine={"kind": "deepspeed", "zero_stage": 2}, scaling={"num_workers": 2},
-                  train={"micro_batch_size": 4, "checkpoint_every": 2, "eval_every": 0},
-                  run={"record_sample_digests": True})
+                  train={"micro_batch_size": 4, "checkpoint_every": 2, "eval_every": 0})
     with LocalRayHead(2, tmp_path / "head.log", env={"PYTHONPATH": str(REPO)}) as head:
         os.environ["RAY_ADDRESS"] = head.gcs
         try:
-            clean = run_stage(config(manifest, runs, **common, run={"name": "clean"}))
-            killed = run_stage(config(manifest, runs, **common, run={"name": "killed"}, fault={"kill_at_step": 4}))
+            clean = run_stage(config(manifest, runs, **common, run={"name": "clean", "record_sample_digests": True}))
+            killed = run_stage(config(manifest, runs, **common, run={"name": "killed", "record_sample_digests": True},
+                                      fault={"kill_at_step": 4}))
         finally:
             os.environ.pop("RAY_ADDRESS", None)
             import ray
@@ -179,8 +179,8 @@ def test_session_tokens_and_both_endpoint_variables_work_for_prep_training_and_e
     env.update(s3.env(endpoint_var=endpoint_var, temporary=True))
     assert env["AWS_SESSION_TOKEN"]
     data, runs = f"s3://{s3.bucket}/tok/data", f"s3://{s3.bucket}/tok/runs"
-    prep = launch("launchers.prep", "--source", "demo?max_mb=0.2", "--out", data, "--vocab-size", "300",
-                  "--seq-len", str(SEQ_LEN), "--no-progress", env=env, timeout=600)
+    prep = launch("launchers.prep", "--source", "demo?max_mb=0.2", "--out", data, "--vocab-size", "512",
+                  "--seq-len", str(SEQ_LEN), "--set", "prep.val_fraction=0.1", "--no-progress", env=env, timeout=600)
     assert prep.code == 0, prep.text[-3000:]
     train = launch("launchers.train", "--stage", "stage1", "--set", f"data.manifest={data}/manifest.json",
                    "--set", f"run.storage_path={runs}", "--set", f"train.seq_len={SEQ_LEN}",
