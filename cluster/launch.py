@@ -21,7 +21,7 @@ from cluster.worker import train_worker
 from core import storage
 from core.config import Config, ConfigError
 from mmrec.train.checkpoint import resolve_export
-from mmrec.train.loop import preflight
+from mmrec.train.preflight import preflight
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ import torch
 
 from cluster.watchdog import StepWatchdog
 from core.config import Config
-from mmrec.train.loop import Trainer, WorkerContext, metrics_exporter
+from mmrec.metrics.exporter import exporter_for
+from mmrec.train.loop import Trainer, WorkerContext
 
 
 def _log_to_stdout(rank: int) -> None:
@@ -51,7 +52,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if not cfg.scaling.use_gpu:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     watchdog = StepWatchdog(cfg.fault_tolerance.step_timeout_s)
-    exporter = metrics_exporter(cfg, rank=rank, world_size=world_size)
+    exporter = exporter_for(cfg, rank=rank, world_size=world_size)
     try:
         Trainer(cfg, metrics=exporter, context=WorkerContext(
             rank=rank, world_size=world_size, local_rank=context.get_local_rank(), publish=_report, watchdog=watchdog,

@@ -9,7 +9,7 @@ training loader in mmrec.data; the settings are core.config.PrepConfig (the [pre
 Sources, the bring-your-own tokenizer and the atomic publish are described in docs/data.md.
 """
 from core.config import PrepConfig
-from datasets_prep.pipeline import check_tokenizer_model, prepare, run_prep
-from datasets_prep.tokenizer_training import train_tokenizer
+from datasets_prep.pipeline import prepare, run_prep
+from datasets_prep.tokenizer_training import check_tokenizer_model, train_tokenizer
 
 __all__ = ["prepare", "run_prep", "PrepConfig", "check_tokenizer_model", "train_tokenizer"]

@@ -44,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("[%s] validation perplexity %.2f (loss %.4f)", result.stage, result.metrics["val_perplexity"],
                          result.metrics["val_loss"])
             return 0
-        from mmrec.train.loop import Trainer, metrics_exporter, preflight
+        from mmrec.metrics.exporter import exporter_for
+        from mmrec.train.loop import Trainer
+        from mmrec.train.preflight import preflight
 
         log.info("[%s] %s", cfg.stage, preflight(cfg))
-        exporter = metrics_exporter(cfg, rank=0, world_size=1)
+        exporter = exporter_for(cfg, rank=0, world_size=1)
         trainer = Trainer(cfg, metrics=exporter)
         on_stop_signals(trainer.request_stop)
         try:

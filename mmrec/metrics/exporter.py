@@ -320,3 +320,15 @@ class MetricsExporter:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+
+def exporter_for(cfg: Any, *, rank: int, world_size: int) -> MetricsExporter | None:
+    """The exporter of one training worker of `cfg` (a core.config.Config) when [metrics] enabled = true."""
+    if not cfg.metrics.enabled:
+        return None
+    from core.stages import get_stage
+
+    return MetricsExporter(
+        stage=cfg.stage, expert=get_stage(cfg.stage).trains, rank=rank, config=ExporterOptions(port=cfg.metrics.port),
+        run_info={"run": cfg.run_name, "engine": cfg.engine.kind, "zero_stage": str(cfg.engine.zero_stage),
+                  "world_size": str(world_size), "precision": cfg.train.precision},
+    )

@@ -3,17 +3,14 @@ scripts, generate and eval on real exports agreeing with the library functions t
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 
 from core.config import Config
-from core.manifest import load_manifest
 from core.tokenizer import load_tokenizer
 from mmrec.evaluation import path_forward, score_rows, validation_batches
 from mmrec.train import Trainer, build_from_export, generate, read_export, step_fn_for
@@ -59,7 +56,7 @@ def test_console_scripts_are_installed():
 
 def test_generate_prints_what_the_library_generates(trained):
     _, result, _ = trained
-    ran = run_cli("launchers.generate", "--export", f"run:stage1", "--set", f"run.storage_path={Path(result.run_url).parent}",
+    ran = run_cli("launchers.generate", "--export", "run:stage1", "--set", f"run.storage_path={Path(result.run_url).parent}",
                   "--prompt", "def f", "--max-new-tokens", "12", "--temperature", "0", "--no-stop-at-eos")
     assert ran.returncode == 0, ran.stderr
     export = read_export(result.best_export)

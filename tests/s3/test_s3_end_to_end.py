@@ -40,7 +40,7 @@ def s3(new_s3_server, monkeypatch):
 
 
 def upload_dataset(tmp_path, url: str) -> str:
-    local = write_synthetic_dataset(tmp_path / "data", seq_len=SEQ_LEN, train_samples=48, val_samples=8)
+    write_synthetic_dataset(tmp_path / "data", seq_len=SEQ_LEN, train_samples=48, val_samples=8)
     storage.upload_dir(tmp_path / "data", url)
     return storage.join(url, "manifest.json")
 
@@ -74,7 +74,8 @@ def test_the_smoke_pipeline_runs_with_everything_on_s3(s3, tmp_path):
     assert report["sample"]["text"]
     for stage in report["stages"]:
         run = f"{out}/stages/{stage}"
-        assert list_checkpoints(run) and [s for s, _ in losses(run)] == list(range(1, 13))
+        steps = [s for s, _ in losses(run)]  # logged steps: the first, every train.log_every, the last
+        assert list_checkpoints(run) and steps[0] == 1 and steps[-1] == 12
         assert storage.exists(f"{run}/exports/latest") and storage.exists(f"{run}/metrics.jsonl")
     # The later stages started from the earlier ones' exports on S3 (run:<name> through the pointers).
     stage3 = json.loads(storage.read_text(f"{out}/stages/stage3/{list_checkpoints(f'{out}/stages/stage3')[0]}/run.json"))

@@ -6,7 +6,7 @@ import torch
 
 import mmrec
 from core.config import ConfigError, TrainConfig
-from mmrec.train import build_from_export, export_module, generate, prepare_stage, read_export, step_fn_for
+from mmrec.train import export_module, generate, prepare_stage, step_fn_for
 from mmrec.train.generate import sample_next
 
 CFG = mmrec.get_config("tiny", vocab_size=64, d_model=32, n_layers=2, ffn_dim=64, n_heads=2, seq_len=16)
