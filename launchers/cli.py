@@ -132,6 +132,9 @@ def run(prog: str, main: Callable[[], int], *, usage_errors: tuple[type[BaseExce
     """Run a launcher body: input problems end as `prog: error: ...` (exit 2), Ctrl-C as one line (exit 130)."""
     from core.storage import StorageError
 
+    # SIGTERM like Ctrl-C: cleanup code runs (Ray instances this process started, jobs, heads). A
+    # launcher that stops gracefully installs its own handlers inside `main` (on_stop_signals).
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         return main()
     except (ConfigError, UsageError, StorageError, *usage_errors) as error:

@@ -12,7 +12,6 @@ SIGINT/SIGTERM stop every job it started and the head.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -25,10 +24,6 @@ ALIASES = (
     Alias("--num-cpus", "pipeline.num_cpus", "CPUs of the local Ray head", int),
 )
 log = logging.getLogger("launchers.pipeline")
-
-
-def _interrupt(_number: int, _frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.job_runner import JobFailed
         from cluster.pipeline import PipelineCheckFailed, run_pipeline
 
-        # SIGTERM like Ctrl-C: unwinds through run_pipeline, which stops its jobs and its head.
-        signal.signal(signal.SIGTERM, _interrupt)
         try:
             run_pipeline(values, config_path=str(Path(config_path).resolve()), overrides=args.overrides)
         except (JobFailed, PipelineCheckFailed) as error:
