@@ -1,15 +1,23 @@
-"""Training throughput of an MM-Rec expert against a same-width causal transformer, in one run.
+"""Training throughput and peak memory of an MM-Rec expert against a same-width causal transformer,
+in one run, with MM-Rec's associative memory switched off as a third column (what the memory costs).
 
-    python -m benchmarks.model [--config small] [--batch 1] [--lengths 512 2048 8192] [--repeats 3]
+    python -m benchmarks.model [--config small] [--batch 1] [--lengths 512 2048 8192 16384] [--repeats 3]
+                               [--profile 2048]
 
 Both models get the same d_model, n_layers, ffn_dim, n_heads and vocabulary, RMSNorm, SwiGLU and a
-tied head; the transformer's mixer is causal F.scaled_dot_product_attention. Each cell is the median
-time of one forward + backward (cross-entropy on next-token labels) over --repeats runs after a warm-up,
-reported as tokens per second. The ratio is MM-Rec / transformer: above 1 means MM-Rec is faster.
+tied head; the transformer's mixer is causal F.scaled_dot_product_attention with RoPE. Each cell is
+the median time of one forward + backward (cross-entropy on next-token labels) over --repeats runs
+after a warm-up, reported as tokens per second, and the growth of the peak resident memory of a
+fresh process over that cell (ru_maxrss, so it counts every allocation; on CUDA, peak allocated).
+The ratio is MM-Rec / transformer: above 1 means MM-Rec is faster. --profile T prints torch
+profiler figures of MM-Rec's forward + backward at that length (where its time goes).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
+import resource
 import statistics
 import time
 
@@ -17,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks._harness import print_table
 from mmrec.config import ModelConfig, get_config
 from mmrec.model import RMSNorm, SwiGLU, build_base, count_parameters
 
@@ -104,15 +113,78 @@ def _time_train_step(model: nn.Module, tokens: torch.Tensor, repeats: int, autoc
     return statistics.median(times)
 
 
+MODELS = ("mmrec", "mmrec-no-memory", "transformer")
+
+
+def build(kind: str, config: ModelConfig) -> nn.Module:
+    if kind == "transformer":
+        return TransformerBaseline(config)
+    if kind == "mmrec-no-memory":
+        return build_base(config.replace(memory=False))
+    return build_base(config)
+
+
+def _cell(kind: str, config: ModelConfig, length: int, args: dict, queue) -> None:
+    """One (model, T) measurement in a fresh process, so that its peak memory is its own."""
+    try:
+        if args["threads"]:
+            torch.set_num_threads(args["threads"])
+        device = torch.device(args["device"])
+        torch.manual_seed(0)
+        model = build(kind, config).to(device)
+        tokens = torch.randint(0, config.vocab_size, (args["batch"], length + 1), device=device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        else:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        seconds = _time_train_step(model, tokens, args["repeats"], torch.bfloat16 if args["bf16"] else None)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - before
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        queue.put({"tokens_per_s": args["batch"] * length / seconds, "peak_mib": peak / 2**20,
+                   "params": count_parameters(model)})
+    except Exception as err:  # noqa: BLE001 - reported in the table
+        queue.put({"error": f"{type(err).__name__}: {err}"})
+
+
+def measure(kind: str, config: ModelConfig, length: int, args: dict) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_cell, args=(kind, config, length, args, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+def profile(config: ModelConfig, length: int, args) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = build_base(config).to(device)
+    tokens = torch.randint(0, config.vocab_size, (args.batch, length + 1), device=device)
+    _time_train_step(model, tokens, 1, None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        _time_train_step(model, tokens, 1, None)
+    print(f"\nprofile of MM-Rec forward + backward, T = {length} (two steps: warm-up and one timed)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="small", help="named model config (default: small)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default: 1)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192], help="sequence lengths T")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 16384], help="sequence lengths T")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per cell; the median is reported")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="run under bf16 autocast")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--profile", type=int, default=0, metavar="T", help="also profile MM-Rec at this length")
     args = parser.parse_args(argv)
     for name in ("batch", "repeats"):
         if getattr(args, name) < 1:
@@ -124,23 +196,34 @@ def main(argv: list[str] | None = None) -> None:
 
     config = get_config(args.config)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    mmrec = build_base(config).to(device)
-    transformer = TransformerBaseline(config).to(device)
-    autocast_dtype = torch.bfloat16 if args.bf16 else None
+    cell_args = {"threads": args.threads, "device": args.device, "batch": args.batch, "repeats": args.repeats,
+                 "bf16": args.bf16}
+    with torch.device("meta"):
+        params = {kind: count_parameters(build(kind, config)) for kind in args.models}
     print(f"config {config.name}: d_model {config.d_model}, n_layers {config.n_layers}, ffn {config.ffn_dim}, "
           f"heads {config.n_heads}, vocab {config.vocab_size}; batch {args.batch}; device {device}; "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}; torch threads {torch.get_num_threads()}")
-    print(f"parameters: MM-Rec {count_parameters(mmrec) / 1e6:.2f}M, transformer {count_parameters(transformer) / 1e6:.2f}M")
-    print(f"forward+backward tokens/s, median of {args.repeats}")
-    header = f"{'T':>7} | {'MM-Rec tok/s':>13} | {'transformer tok/s':>17} | {'ratio':>6}"
-    print(header)
-    print("-" * len(header))
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}; torch threads {args.threads or torch.get_num_threads()}")
+    print("parameters: " + ", ".join(f"{kind} {n / 1e6:.2f}M" for kind, n in params.items()))
+    print(f"forward+backward tokens/s (median of {args.repeats}) and peak memory growth of the step, one fresh "
+          f"process per cell")
+    header = ["T"] + [f"{kind} tok/s" for kind in args.models] + [f"{kind} peak MiB" for kind in args.models]
+    if {"mmrec", "transformer"} <= set(args.models):
+        header.append("MM-Rec / transformer")
+    rows = []
     for length in args.lengths:
-        tokens = torch.randint(0, config.vocab_size, (args.batch, length + 1), device=device)
-        ours = args.batch * length / _time_train_step(mmrec, tokens, args.repeats, autocast_dtype)
-        theirs = args.batch * length / _time_train_step(transformer, tokens, args.repeats, autocast_dtype)
-        print(f"{length:>7} | {ours:>13,.0f} | {theirs:>17,.0f} | {ours / theirs:>6.2f}", flush=True)
+        results = {kind: measure(kind, config, length, cell_args) for kind in args.models}
+        row = [str(length)]
+        row += [f"{r['tokens_per_s']:,.0f}" if "error" not in r else r["error"][:40] for r in results.values()]
+        row += [f"{r['peak_mib']:,.0f}" if "error" not in r else "-" for r in results.values()]
+        if {"mmrec", "transformer"} <= set(args.models):
+            ok = all("error" not in results[k] for k in ("mmrec", "transformer"))
+            row.append(f"{results['mmrec']['tokens_per_s'] / results['transformer']['tokens_per_s']:.2f}" if ok else "-")
+        rows.append(row)
+        print(json.dumps({"T": length, **results}), flush=True)
+    print()
+    print_table(header, rows)
+    if args.profile:
+        profile(config, args.profile, args)
 
 
 if __name__ == "__main__":

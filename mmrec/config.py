@@ -19,9 +19,11 @@ class ModelConfig:
     d_model: int = 256
     n_layers: int = 12
     ffn_dim: int = 1024
-    n_heads: int = 4  # heads of the memory read and write attention
-    memory_slots: int = 128  # S: long-term memory slots per block
-    segment_len: int = 256  # C: tokens per memory segment (memory is read/written per segment)
+    n_heads: int = 4  # heads of the associative memory; each holds a [D/H, D/H] matrix state
+    conv_size: int = 4  # taps of the short causal depthwise convolution on q, k, v (0: none)
+    memory: bool = True  # the associative memory; False is the ablation (the first design's channel recurrence instead)
+    channel_recurrence: bool = False  # EXPERIMENT: also run the per-channel gated scan of the first design
+    chunk_size: int = 64  # time steps per chunk of the chunk-parallel delta rule (a speed knob; results are equal)
     seq_len: int = 2048  # training sequence length (the model itself runs any length)
     # Per-layer lower bound `lo` of the decay gate. (1 - lo) is spaced geometrically from the first to the
     # last layer, so time scales 1/(1-lo) grow exponentially with depth: short in the first, long in the last.
@@ -34,15 +36,19 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"ModelConfig.{field.name} must be true or false, got {value!r}")
             if field.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"ModelConfig.{field.name} must be an int, got {value!r}")
             if field.type == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
                 raise ValueError(f"ModelConfig.{field.name} must be a number, got {value!r}")
             if field.type == "float" and not math.isfinite(value):
                 raise ValueError(f"ModelConfig.{field.name} must be finite, got {value!r}")
-        for key in ("vocab_size", "d_model", "n_layers", "ffn_dim", "n_heads", "memory_slots", "segment_len", "seq_len"):
+        for key in ("vocab_size", "d_model", "n_layers", "ffn_dim", "n_heads", "chunk_size", "seq_len"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"ModelConfig.{key} must be positive, got {getattr(self, key)}")
+        if self.conv_size < 0:
+            raise ValueError(f"ModelConfig.conv_size must be 0 (no convolution) or positive, got {self.conv_size}")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
@@ -98,23 +104,23 @@ def _check_keys(values: dict[str, Any]) -> None:
 # tiny: CPU smoke tests, seconds per step on one core.
 _TINY = ModelConfig(
     name="tiny", vocab_size=4096, d_model=64, n_layers=2, ffn_dim=256, n_heads=4,
-    memory_slots=8, segment_len=16, seq_len=128,
+    seq_len=128,
 )
 # small: CPU development and the benchmark; runs 32K tokens on a laptop.
 _SMALL = ModelConfig(
     name="small", vocab_size=8192, d_model=256, n_layers=4, ffn_dim=1024, n_heads=4,
-    memory_slots=64, segment_len=128, seq_len=1024,
+    seq_len=1024,
 )
-# base: the seed stage plan's expert shape (D 256, L 12, ffn 1024); 26.3M parameters with its embedding.
+# base: the seed stage plan's expert shape (D 256, L 12, ffn 1024); 21.6M parameters with its embedding.
 _BASE = ModelConfig(
     name="base", vocab_size=32000, d_model=256, n_layers=12, ffn_dim=1024, n_heads=4,
-    memory_slots=128, segment_len=256, seq_len=2048,
+    seq_len=2048,
 )
-# mmrec-100m: two experts of this shape plus the fusion layer hold 102.5M parameters at V = 32000
-# (each expert 42.8M including its 8.2M embedding; fusion 16.9M, of which the 2D -> V head is 16.4M).
+# mmrec-100m: two experts of this shape plus the fusion layer hold 101.0M parameters at V = 32000
+# (each expert 46.3M including its 8.2M embedding; fusion 8.3M: the gate and the 2D -> D -> V correction).
 _MMREC_100M = ModelConfig(
-    name="mmrec-100m", vocab_size=32000, d_model=256, n_layers=16, ffn_dim=1792, n_heads=4,
-    memory_slots=256, segment_len=256, seq_len=4096,
+    name="mmrec-100m", vocab_size=32000, d_model=256, n_layers=20, ffn_dim=2048, n_heads=4,
+    seq_len=4096,
 )
 
 _PRESETS: dict[str, ModelConfig] = {c.name: c for c in (_TINY, _SMALL, _BASE, _MMREC_100M)}

@@ -56,8 +56,7 @@ class Expert(nn.Module):
         std = self.config.init_std
         nn.init.normal_(self.embedding.weight, std=std)
         for block in self.blocks:
-            for linear in (block.in_proj, block.memory.read_query, block.memory.read_key_value,
-                           block.memory.write_key_value, block.ffn.gate_up):
+            for linear in (block.in_proj, block.ffn.gate_up):
                 nn.init.normal_(linear.weight, std=std)
             # Residual-branch outputs shrink with depth so the residual stream's variance stays O(1) (GPT-2).
             for linear in (block.out_proj, block.ffn.down):
@@ -90,30 +89,48 @@ class Expert(nn.Module):
         self._last_states = [s.detach() for s in new_states]
         return self.norm(x), ExpertState(new_states)
 
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """features [..., D] -> logits [..., V] through the tied embedding (the embedding module's own forward)."""
+        return self.embedding(features, as_head=True)
+
     def forward(self, ids: torch.Tensor, state: ExpertState | None = None) -> tuple[torch.Tensor, ExpertState]:
         """ids [B, T] -> logits [B, T, V] through the tied head, and the state after the last token."""
         features, state = self.features(ids, state)
-        return self.embedding(features, as_head=True), state
+        return self.head(features), state
 
-    def state_norms(self) -> tuple[list[float], list[float]]:
-        """Per layer, from the last forward: batch mean of ||h_T||_2 and of the memory's Frobenius norm ||M||_F."""
+    def state_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer, from the last forward: ([L] batch mean of the whole recurrent state's norm, i.e. of every
+        tensor the block carries to the next token taken together, [L] batch mean of the associative memory's
+        Frobenius norm ||S||_F over all heads). Detached tensors on the model's device: the training loop
+        stacks them with its other per-step numbers and reads everything in one host sync."""
         if self._last_states is None:
             raise RuntimeError("state_norms() needs a forward pass first")
-        h_norms = torch.stack([s.h.float().norm(dim=-1).mean() for s in self._last_states])
-        memory_norms = torch.stack([s.memory.float().flatten(1).norm(dim=-1).mean() for s in self._last_states])
-        return h_norms.tolist(), memory_norms.tolist()
+        state_norms, memory_norms = [], []
+        for s in self._last_states:
+            squares = [t.float().flatten(1).square().sum(-1) for t in (s.memory, s.conv, s.h) if t is not None]
+            state_norms.append(torch.stack(squares).sum(0).sqrt().mean())
+            memory = s.memory if s.memory is not None else torch.zeros(1, 1, device=squares[0].device)
+            memory_norms.append(memory.float().flatten(1).norm(dim=-1).mean())
+        return torch.stack(state_norms), torch.stack(memory_norms)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Approximate training FLOPs per token (forward + backward = 3x forward), for MFU estimates.
 
-        Counts the matmuls: 2 FLOPs per weight per token for every block projection and the tied head,
-        plus the memory attention (read: scores and values over S slots; write: scores and values of S
-        slots over the token). Elementwise work (gates, norms, scan) is left out. Unlike attention, the
-        cost does not grow with seq_len; the argument exists to match transformer MFU helpers.
+        Counts the matmuls: 2 FLOPs per weight per token for every block projection and the tied head, plus
+        the chunked delta rule per head (dh = D/H, chunk C): the intra-chunk products K K^T, Q K^T, the
+        triangular solve for [U~, W] (2dh right-hand sides) and (D*QK^T) U, each ~2 C dh per token, and the
+        three state products Q S, W S, K^T U, each 2 dh^2 per token. Elementwise work (gates, norms, the
+        convolution) is left out. The cost does not grow with seq_len; the argument exists to match
+        transformer MFU helpers.
         """
         c = self.config
-        D, F_, S, V = c.d_model, c.ffn_dim, c.memory_slots, c.vocab_size
-        block_weights = 4 * D * D + D * D + D * D + 2 * D * D + 2 * D * D + 3 * D * F_
-        memory_attention = 2 * S * D + 2 * S * D  # read (q.k and p.v) + write (per token share)
-        forward = c.n_layers * (2 * block_weights + 2 * memory_attention) + 2 * D * V
+        D, F_, V, H = c.d_model, c.ffn_dim, c.vocab_size, c.n_heads
+        dh, C = D // H, c.chunk_size
+        if c.memory:
+            in_width = 4 * D + 2 * H + (3 * D if c.channel_recurrence else 0)
+            delta_rule = H * (2 * C * dh * 4 + 2 * dh * dh * 3)
+        else:
+            in_width, delta_rule = 4 * D, 0
+        block_weights = D * in_width + D * D + 3 * D * F_
+        forward = c.n_layers * (2 * block_weights + delta_rule) + 2 * D * V
         return 3.0 * forward

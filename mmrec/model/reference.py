@@ -1,11 +1,9 @@
-"""Naive MM-Rec block: token-by-token loops straight from the equations, in float64. Ground truth for tests.
+"""Naive MM-Rec block: a token-by-token loop straight from the equations, in float64. Ground truth for tests.
 
-It shares nothing with the vectorised path except the weights: no segment grid, no online softmax,
-no scan kernel. A segment's write is a plain softmax over its tokens, applied when the segment ends.
+It shares nothing with the vectorised path except the weights: no chunking, no kernels, the short
+convolution as an explicit sum over past inputs, the matrix state updated one token at a time.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -20,41 +18,45 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 def block_reference(block: MMRecBlock, x: torch.Tensor) -> torch.Tensor:
     """x [B, T, D] from position 0 with a fresh state -> block output [B, T, D] (float64)."""
     p = {name: t.detach().double() for name, t in block.named_parameters()}
-    mem = block.memory
     eps = block.in_norm.eps
     B, T, D = x.shape
-    H, S, dh, C = mem.n_heads, mem.slots, mem.head_dim, mem.segment_len
+    H, dh, lo = block.n_heads, block.head_dim, block.decay_lo
     x = x.double()
-    lo = block.decay_lo
-    retain = torch.sigmoid(p["memory.retain_logit"])  # [S]
-
+    S = torch.zeros(B, H, dh, dh, dtype=torch.float64)  # [B, H, Dv, Dk]
     h = torch.zeros(B, D, dtype=torch.float64)
-    memory = p["memory.initial_memory"].expand(B, S, D).clone()
-    segment_h: list[torch.Tensor] = []
+    projected = [_rms_norm(x[:, t], p["in_norm.weight"], eps) @ p["in_proj.weight"].T for t in range(T)]
+    width = 3 * D if block.memory else D  # what the convolution sees: q, k, v (or z in the ablation)
     outputs = []
     for t in range(T):
-        u = _rms_norm(x[:, t], p["in_norm.weight"], eps)
-        z, f, g, o = (u @ p["in_proj.weight"].T).chunk(4, dim=-1)
-        gamma = lo + (1 - lo) * torch.sigmoid(f)
-        h = gamma * h + (1 - gamma) * torch.sigmoid(g) * z
-
-        # read: this token's query over the slots as they stood after the previous segment
-        q = (h @ p["memory.read_query.weight"].T).view(B, H, dh)
-        k, v = (memory @ p["memory.read_key_value.weight"].T).view(B, S, 2, H, dh).unbind(2)  # [B, S, H, dh]
-        attn = torch.softmax(torch.einsum("bhd,bshd->bhs", q, k) / math.sqrt(dh), dim=-1)
-        read = torch.einsum("bhs,bshd->bhd", attn, v).reshape(B, D)
-
-        y = ((h + read) * F.silu(o)) @ p["out_proj.weight"].T
+        mixed_in = projected[t][:, :width]
+        if block.conv is not None:  # y_t = sum_j w_j u_{t-K+1+j}, zeros before the sequence
+            K = block.conv.taps
+            mixed_in = F.silu(sum(
+                projected[t - K + 1 + j][:, :width] * p["conv.weight"][:, j] for j in range(K) if t - K + 1 + j >= 0
+            ))
+        g = projected[t][:, width : width + D]
+        mixed = torch.zeros(B, D, dtype=torch.float64)
+        if block.memory:
+            q, k, v = mixed_in.view(B, 3, H, dh).unbind(1)  # [B, H, dh]
+            q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+            f, b = projected[t][:, 4 * D : 4 * D + 2 * H].view(B, 2, H).unbind(1)  # [B, H]
+            a = (lo + (1 - lo) * torch.sigmoid(f))[:, :, None, None]
+            beta = torch.sigmoid(b)[:, :, None, None]
+            eye = torch.eye(dh, dtype=torch.float64)
+            S = a * S @ (eye - beta * k[..., :, None] * k[..., None, :]) + beta * v[..., :, None] * k[..., None, :]
+            o = (S @ q[..., None])[..., 0]  # [B, H, dh]
+            o = o / torch.sqrt((o * o).mean(-1, keepdim=True) + eps)
+            mixed = o.reshape(B, D) * p["out_norm_weight"]
+            channel = projected[t][:, 4 * D + 2 * H :]
+        else:
+            channel = torch.cat([mixed_in, projected[t][:, 2 * D :]], dim=-1)
+        if block.channel_recurrence:
+            z, f_c, i_c = channel.chunk(3, dim=-1)
+            gamma = lo + (1 - lo) * torch.sigmoid(f_c)
+            h = gamma * h + (1 - gamma) * torch.sigmoid(i_c) * z
+            mixed = mixed + h
+        y = (mixed * F.silu(g)) @ p["out_proj.weight"].T
         xt = x[:, t] + y
         gate, up = (_rms_norm(xt, p["ffn_norm.weight"], eps) @ p["ffn.gate_up.weight"].T).chunk(2, dim=-1)
         outputs.append(xt + (F.silu(gate) * up) @ p["ffn.down.weight"].T)
-
-        segment_h.append(h)
-        if (t + 1) % C == 0:  # segment finished: every slot attends over its tokens, then the gated write
-            hs = torch.stack(segment_h, 1)  # [B, C, D]
-            wk, wv = (hs @ p["memory.write_key_value.weight"].T).view(B, C, 2, H, dh).unbind(2)
-            scores = torch.einsum("shd,bchd->bhsc", p["memory.write_query"], wk) / math.sqrt(dh)
-            write = torch.einsum("bhsc,bchd->bshd", torch.softmax(scores, -1), wv).reshape(B, S, D)
-            memory = retain[:, None] * memory + (1 - retain[:, None]) * write
-            segment_h = []
     return torch.stack(outputs, 1)

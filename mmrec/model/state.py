@@ -1,8 +1,8 @@
 """Recurrent states of blocks, experts and the fused model, and their atomic save/load.
 
-A state holds everything needed to continue a sequence exactly where it stopped: the scan state, the
-memory, the online-softmax accumulators of the memory write of the unfinished segment, and the
-absolute position (which fixes where the next segment border falls).
+A block state holds everything needed to continue a sequence exactly where it stopped: the
+associative memory (one [D/H, D/H] matrix per head, fp32), the last K - 1 inputs of the short
+convolution, the channel-recurrence state when that path is on, and the absolute position.
 """
 from __future__ import annotations
 
@@ -13,33 +13,35 @@ from typing import Any
 
 import torch
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+_TENSOR_FIELDS = ("memory", "conv", "h")
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 @dataclass
 class BlockState:
-    h: torch.Tensor  # [B, D]        scan state h_T (fp32, or fp64 for a float64 model)
-    memory: torch.Tensor  # [B, S, D]   memory after the last finished segment
-    write_max: torch.Tensor  # [B, H, S]   running max of the write scores of the unfinished segment
-    write_norm: torch.Tensor  # [B, H, S]   running softmax normaliser (scaled to write_max)
-    write_sum: torch.Tensor  # [B, H, S, D/H]  running softmax-weighted sum of write values
+    memory: torch.Tensor | None  # [B, H, D/H, D/H]  delta-rule matrix state S_T per head (fp32; fp64 for a float64
+    #                                                 model); None in the memory-off ablation
+    conv: torch.Tensor | None  # [B, K-1, 3D]  inputs of the short convolution before the next token (None: no conv)
+    h: torch.Tensor | None  # [B, D]  channel-recurrence state h_T (None: that path is off)
     position: int  # absolute position of the next token
 
+    @property
+    def batch_size(self) -> int:
+        return next(t for t in (self.memory, self.h, self.conv) if t is not None).shape[0]
+
     def detach(self) -> "BlockState":
-        return BlockState(
-            self.h.detach(), self.memory.detach(), self.write_max.detach(), self.write_norm.detach(),
-            self.write_sum.detach(), self.position,
-        )
+        return BlockState(*(_detach(getattr(self, name)) for name in _TENSOR_FIELDS), self.position)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "h": self.h.detach(), "memory": self.memory.detach(), "write_max": self.write_max.detach(),
-            "write_norm": self.write_norm.detach(), "write_sum": self.write_sum.detach(), "position": self.position,
-        }
+        return {**{name: _detach(getattr(self, name)) for name in _TENSOR_FIELDS}, "position": self.position}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BlockState":
-        return cls(d["h"], d["memory"], d["write_max"], d["write_norm"], d["write_sum"], int(d["position"]))
+        return cls(*(d[name] for name in _TENSOR_FIELDS), int(d["position"]))
 
 
 @dataclass
@@ -52,7 +54,7 @@ class ExpertState:
 
     @property
     def batch_size(self) -> int:
-        return self.layers[0].h.shape[0]
+        return self.layers[0].batch_size
 
     def detach(self) -> "ExpertState":
         return ExpertState([layer.detach() for layer in self.layers])

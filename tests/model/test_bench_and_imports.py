@@ -17,7 +17,7 @@ def test_baseline_transformer_is_causal_and_same_width(micro_config):
     edited_logits, _ = baseline(edited)
     assert torch.equal(edited_logits[:, :11], logits[:, :11])
     assert not torch.allclose(edited_logits[:, 11:], logits[:, 11:])
-    # Same embedding, FFN and norms; only the mixer differs (attention 4D^2 vs recurrence + memory).
+    # Same embedding, FFN and norms; only the mixer differs (attention 4D^2 vs the memory's 5D^2 + gates + conv).
     assert baseline.embedding.weight.shape == build_base(micro_config).embedding.weight.shape
     assert count_parameters(baseline) < count_parameters(build_base(micro_config))
 
@@ -32,14 +32,14 @@ def test_import_mmrec_loads_no_cluster_or_data_libraries():
 def test_flops_per_token_matches_counted_matmul_flops():
     """The MFU helper's formula against torch's own FLOP counter over a real forward + backward.
 
-    The counter sees every matmul, SDPA and einsum; the formula leaves out the small elementwise
-    work and the segment-grid padding, so they agree to within 10 %.
+    The counter sees every matmul, SDPA and einsum (the delta rule's chunked forward and hand-written
+    backward included); the formula leaves out the small elementwise work, so they agree to within 10 %.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     from mmrec import build_model, get_config
 
-    config = get_config("tiny", vocab_size=512, segment_len=16, memory_slots=8)
+    config = get_config("tiny", vocab_size=512)
     T = 256
     ids = torch.randint(0, config.vocab_size, (1, T))
     for model, kwargs in ((build_base(config), {}), (build_model(config), {"expert": None})):
