@@ -23,7 +23,9 @@ class ModelConfig:
     conv_size: int = 4  # taps of the short causal depthwise convolution on q, k, v (0: none)
     memory: bool = True  # the associative memory; False is the ablation (the first design's channel recurrence instead)
     channel_recurrence: bool = False  # EXPERIMENT: also run the per-channel gated scan of the first design
-    chunk_size: int = 64  # time steps per chunk of the chunk-parallel delta rule (a speed knob; results are equal)
+    # Time steps per chunk of the chunk-parallel delta rule: a speed knob, results are equal for any value.
+    # 0 = by device: 32 on CPU (fastest for D/H = 64 on the project's CPU, docs/benchmarks.md), 64 on GPUs.
+    chunk_size: int = 0
     seq_len: int = 2048  # training sequence length (the model itself runs any length)
     # Per-layer lower bound `lo` of the decay gate. (1 - lo) is spaced geometrically from the first to the
     # last layer, so time scales 1/(1-lo) grow exponentially with depth: short in the first, long in the last.
@@ -44,11 +46,12 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{field.name} must be a number, got {value!r}")
             if field.type == "float" and not math.isfinite(value):
                 raise ValueError(f"ModelConfig.{field.name} must be finite, got {value!r}")
-        for key in ("vocab_size", "d_model", "n_layers", "ffn_dim", "n_heads", "chunk_size", "seq_len"):
+        for key in ("vocab_size", "d_model", "n_layers", "ffn_dim", "n_heads", "seq_len"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"ModelConfig.{key} must be positive, got {getattr(self, key)}")
-        if self.conv_size < 0:
-            raise ValueError(f"ModelConfig.conv_size must be 0 (no convolution) or positive, got {self.conv_size}")
+        for key, meaning in (("conv_size", "no convolution"), ("chunk_size", "chosen by device")):
+            if getattr(self, key) < 0:
+                raise ValueError(f"ModelConfig.{key} must be 0 ({meaning}) or positive, got {getattr(self, key)}")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "

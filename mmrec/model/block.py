@@ -121,9 +121,10 @@ class MMRecBlock(nn.Module):
         f, b = gates.view(B, T, 2, H).permute(2, 0, 3, 1)  # each [B, H, T]
         log_alpha, _ = decay_gate(f, self.decay_lo)
         # The inputs are already fp32 (fp64 for a float64 model); autocast would run the op's matmuls in bf16.
+        chunk = self.chunk_size or (32 if qkv.device.type == "cpu" else 64)
         with torch.autocast(qkv.device.type, enabled=False):
             o, memory = kernels.delta_rule(q, k, v, log_alpha, torch.sigmoid(b), None if state is None else state.memory,
-                                           chunk_size=self.chunk_size)
+                                           chunk_size=chunk)
         o = o.transpose(1, 2)  # [B, T, H, dh]
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps)
         return o.reshape(B, T, H * dh) * self.out_norm_weight.to(o.dtype), memory

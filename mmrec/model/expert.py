@@ -125,7 +125,8 @@ class Expert(nn.Module):
         """
         c = self.config
         D, F_, V, H = c.d_model, c.ffn_dim, c.vocab_size, c.n_heads
-        dh, C = D // H, c.chunk_size
+        dh = D // H
+        C = c.chunk_size or (32 if self.embedding.weight.device.type == "cpu" else 64)  # as MMRecBlock chooses
         if c.memory:
             in_width = 4 * D + 2 * H + (3 * D if c.channel_recurrence else 0)
             delta_rule = H * (2 * C * dh * 4 + 2 * dh * dh * 3)

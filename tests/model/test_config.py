@@ -35,7 +35,7 @@ def test_unknown_names_and_keys_are_errors_naming_them():
         ({"decay_lo_first": 0.9, "decay_lo_last": 0.5}, "decay_lo_first"),
         ({"n_layers": 0}, "n_layers"),
         ({"conv_size": -1}, "conv_size"),
-        ({"chunk_size": 0}, "chunk_size"),
+        ({"chunk_size": -1}, "chunk_size"),
         ({"vocab_size": 10.5}, "vocab_size"),
         ({"dropout": 1.0}, "dropout"),
         ({"norm_eps": 0.0}, "norm_eps"),
