@@ -1,8 +1,12 @@
 """Multi-query associative recall (MQAR): MM-Rec, MM-Rec without its associative memory, and the
 same-width causal transformer, trained identically, best of a learning-rate sweep.
 
-    python -m benchmarks.mqar [--settings 64:8:64 256:16:64 512:64:128] [--lrs 1e-3 3e-3 1e-2]
-                              [--steps 2000] [--batch 64] [--models mmrec mmrec-no-memory transformer]
+    python -m benchmarks.mqar [--settings 64:8:64 256:16:64 512:64:128] [--lrs 1e-3 3e-3]
+                              [--steps 4000] [--batch 32] [--models mmrec mmrec-no-memory transformer] [--jobs 2]
+    python -m benchmarks.mqar --settings 512:64:128 --device cuda     # the d = 128 row is a GPU-sized job
+
+On 2 CPU cores a (model, lr) run takes ~15 min at T = 64 and about 4x that at T = 256; --jobs runs
+them in parallel processes (one torch thread each).
 
 The task is the generator of Zoology (Arora et al. 2023, `multiquery_ar`), reimplemented here: the
 vocabulary is split into keys [1, V/2) and values [V/2, V); a sequence of length T opens with
@@ -97,20 +101,22 @@ MODELS = ("mmrec", "mmrec-no-memory", "transformer")
 NO_MEMORY = {"memory": False}  # the ablation: the first design's channel recurrence in the memory's place
 
 
-def run_setting(args, seq_len: int, pairs: int, d_model: int, device: torch.device, dtype) -> dict:
-    vocab = args.vocab or max(512, 2 * seq_len)
-    gen = torch.Generator().manual_seed(1234)
-    test_inputs, test_labels = multiquery_ar(vocab, args.test_examples, seq_len, pairs, generator=gen)
+def run_cell(args: dict, kind: str, lr: float, seq_len: int, pairs: int, d_model: int) -> dict:
+    """Train and score one (model, learning rate) of one setting. Batches and test set depend only on the
+    seeds, so every cell sees the same data whether cells run in turn or in parallel processes."""
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    device = torch.device(args["device"])
+    dtype = args["dtype"]
+    vocab = args["vocab"] or max(512, 2 * seq_len)
+    test_inputs, test_labels = multiquery_ar(vocab, args["test_examples"], seq_len, pairs,
+                                             generator=torch.Generator().manual_seed(1234))
     test_inputs, test_labels = test_inputs.to(device), test_labels.to(device)
-    # One stream of training batches, drawn once and replayed to every model and learning rate.
-    train_gen = torch.Generator().manual_seed(args.seed)
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    train_gen = torch.Generator().manual_seed(args["seed"])
 
-    def next_batch(step: int):
-        if step not in cache:
-            inputs, labels = multiquery_ar(vocab, args.batch, seq_len, pairs, generator=train_gen)
-            cache[step] = (inputs.to(device), labels.to(device))
-        return cache[step]
+    def next_batch(step: int):  # called once per step, in order: a fresh batch each time
+        inputs, labels = multiquery_ar(vocab, args["batch"], seq_len, pairs, generator=train_gen)
+        return inputs.to(device), labels.to(device)
 
     def evaluate(model) -> dict[str, float]:
         correct = total = 0
@@ -120,23 +126,30 @@ def run_setting(args, seq_len: int, pairs: int, d_model: int, device: torch.devi
             total += targets.numel()
         return {"recall": correct / total}
 
-    results = {}
-    for kind in args.models:
-        runs = []
-        for lr in args.lrs:
-            torch.manual_seed(args.seed)
-            model = build(kind, vocab, d_model, args.heads or max(1, d_model // 16), seq_len).to(device)
-            out = _harness.train(model, next_batch, mqar_loss, steps=args.steps, lr=lr, warmup=args.steps // 10,
-                                 dtype=dtype, evaluate=evaluate, log_every=args.log_every,
-                                 label=f"{kind} T={seq_len} lr={lr:g}")
-            recall = out.evals[-1][1]["recall"] if out.evals else float("nan")
-            runs.append({"lr": lr, "recall": recall, "seconds": out.seconds, "params": count_parameters(model),
-                         "final_loss": out.losses[-1][1]})
-            print(f"  {kind:<16} T={seq_len:<4} pairs={pairs:<3} d={d_model:<4} lr={lr:<7g} recall {recall:.4f} "
-                  f"loss {out.losses[-1][1]:.4f} ({out.seconds:.0f} s, {count_parameters(model) / 1e3:.0f}K params)",
-                  flush=True)
-        results[kind] = runs
-    return results
+    torch.manual_seed(args["seed"])
+    model = build(kind, vocab, d_model, args["heads"] or max(1, d_model // 16), seq_len).to(device)
+    steps = args["steps"]
+    out = _harness.train(model, next_batch, mqar_loss, steps=steps, lr=lr, warmup=steps // 10, dtype=dtype,
+                         evaluate=evaluate, log_every=args["log_every"], label=f"{kind} T={seq_len} lr={lr:g}")
+    recall = out.evals[-1][1]["recall"] if out.evals else float("nan")
+    result = {"kind": kind, "lr": lr, "recall": recall, "seconds": out.seconds, "params": count_parameters(model),
+              "final_loss": out.losses[-1][1], "vocab": vocab}
+    print(f"  {kind:<16} T={seq_len:<4} pairs={pairs:<3} d={d_model:<4} lr={lr:<7g} recall {recall:.4f} "
+          f"loss {result['final_loss']:.4f} ({out.seconds:.0f} s, {result['params'] / 1e3:.0f}K params)", flush=True)
+    return result
+
+
+def run_setting(args: dict, models: list[str], lrs: list[float], jobs: int, seq_len: int, pairs: int,
+                d_model: int) -> dict[str, list[dict]]:
+    cells = [(args, kind, lr, seq_len, pairs, d_model) for kind in models for lr in lrs]
+    if jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            done = pool.starmap(run_cell, cells)
+    else:
+        done = [run_cell(*cell) for cell in cells]
+    return {kind: [r for r in done if r["kind"] == kind] for kind in models}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,24 +157,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", nargs="+", default=["64:8:64", "256:16:64", "512:64:128"],
                         help="T:pairs:d_model per setting (default: the issue's three)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=0,
                         help="vocabulary (default: max(512, 2T); Zoology's generator needs V > T)")
     parser.add_argument("--heads", type=int, default=0, help="heads of every model (default: d_model / 16)")
     parser.add_argument("--test-examples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="auto: bf16 autocast on CUDA or a CPU with native bf16")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="fp32",
+                        help="auto: bf16 autocast on CUDA or on a CPU where bf16 matmuls are measured faster")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1 with --jobs > 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="(model, lr) runs trained in parallel processes")
     parser.add_argument("--log-every", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.jobs > 1 and not args.threads:
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype, precision = _harness.autocast_dtype(device, args.precision)
+    cell_args = {key: getattr(args, key) for key in ("threads", "device", "vocab", "test_examples", "seed", "batch",
+                                                     "heads", "steps", "log_every")} | {"dtype": dtype}
     settings = []
     for text in args.settings:
         try:
@@ -177,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     table = []
     for seq_len, pairs, d_model in settings:
-        results = run_setting(args, seq_len, pairs, d_model, device, dtype)
+        results = run_setting(cell_args, args.models, args.lrs, args.jobs, seq_len, pairs, d_model)
         row = [str(seq_len), str(pairs), str(d_model)]
         for kind in args.models:
             best = max(results[kind], key=lambda r: (r["recall"], -r["lr"]))
