@@ -15,58 +15,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-
-def cpu_bf16_flags() -> list[str]:
-    """The bf16 flags this CPU advertises in /proc/cpuinfo (amx_bf16, avx512_bf16)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted({"amx_bf16", "avx512_bf16"} & set(flags))
-
-
-def _matmul_seconds(dtype: torch.dtype, size: int = 1024) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    a @ b
-    return time.perf_counter() - start
+from mmrec.train.hardware import cpu_model, resolve_precision
 
 
 def autocast_dtype(device: torch.device, choice: str) -> tuple[torch.dtype | None, str]:
-    """(autocast dtype or None for fp32, a line saying why). choice "bf16"/"fp32" forces it; "auto" takes bf16
-    on CUDA, and on a CPU only when it has bf16 instructions AND a 1024^3 matmul is clearly faster in bf16
-    (best of 5, interleaved, under 0.8x fp32): AVX512-BF16 without AMX was measured 2x SLOWER than fp32 on
-    the project's VM, so the flag alone decides nothing."""
-    if choice == "fp32":
-        return None, "fp32"
-    if choice == "bf16":
-        return torch.bfloat16, "bf16 autocast (forced)"
-    if device.type == "cuda":
-        return torch.bfloat16, "bf16 autocast (CUDA)"
-    flags = cpu_bf16_flags()
-    if not flags:
-        return None, "fp32 (the CPU has no amx_bf16/avx512_bf16)"
-    fp32 = bf16 = float("inf")
-    for _ in range(5):
-        fp32, bf16 = min(fp32, _matmul_seconds(torch.float32)), min(bf16, _matmul_seconds(torch.bfloat16))
-    verdict = f"CPU flags {'+'.join(flags)}; 1024^3 matmul bf16 {bf16 * 1e3:.1f} ms vs fp32 {fp32 * 1e3:.1f} ms"
-    if bf16 < 0.8 * fp32:
-        return torch.bfloat16, f"bf16 autocast ({verdict})"
-    return None, f"fp32 ({verdict}: bf16 is not faster here)"
+    """(autocast dtype or None for fp32, a line saying why): the training loop's own rule for
+    train.precision auto / bf16 / fp32."""
+    return resolve_precision(choice, device)
 
 
 def machine_line(device: torch.device) -> str:
     if device.type == "cuda":
         return f"device {torch.cuda.get_device_name(device)}"
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"CPU {model}, torch threads {torch.get_num_threads()}"
+    return f"CPU {cpu_model()}, torch threads {torch.get_num_threads()}"
 
 
 @dataclass

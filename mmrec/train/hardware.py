@@ -52,16 +52,34 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+BF16_MIN_GAIN = 1.25  # a CPU's bf16 GEMM must beat its fp32 GEMM by this much before auto picks bf16
+
+
 def native_bf16(device: torch.device) -> tuple[bool, str]:
-    """(has native bf16 matmuls, why): CUDA with bf16 support, or a CPU with AMX or AVX512-BF16."""
+    """(bf16 matmuls pay here, why): CUDA with bf16 support; on a CPU, the bf16 flags AND a measured gain.
+
+    The flags alone decide nothing: a CPU with AVX512-BF16 but no AMX (the project's VM on some days)
+    runs a bf16 GEMM at about half its fp32 rate, so training in bf16 there is slower. The two GEMM
+    rates are the ones MFU is measured against (peak_flops: measured once a day, cached).
+    """
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
         return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'lacks'} bf16"
-    flags = cpu_flags()
-    found = sorted(flags & {"amx_bf16", "avx512_bf16"})
-    if found:
-        return True, f"the CPU has {' and '.join(found)}"
-    return False, "the CPU has neither AMX nor AVX512-BF16, where bf16 would be emulated and slower than fp32"
+    found = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    if not found:
+        return False, "the CPU has neither AMX nor AVX512-BF16, where bf16 would be emulated and slower than fp32"
+    bf16, _ = peak_flops(device, torch.bfloat16)
+    fp32, _ = peak_flops(device, None)
+    return bf16_pays(found, bf16, fp32)
+
+
+def bf16_pays(flags: list[str], bf16_flops: float, fp32_flops: float) -> tuple[bool, str]:
+    """The CPU rule of native_bf16 on given flags and measured GEMM rates (FLOP/s)."""
+    figures = (f"the CPU has {' and '.join(flags)}; a bf16 GEMM runs at {bf16_flops / 1e9:,.0f} GFLOP/s "
+               f"against {fp32_flops / 1e9:,.0f} in fp32")
+    if bf16_flops >= BF16_MIN_GAIN * fp32_flops:
+        return True, figures
+    return False, f"{figures}, under {BF16_MIN_GAIN}x: bf16 would not be faster here"
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
