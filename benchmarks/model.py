@@ -7,7 +7,8 @@ in one run, with MM-Rec's associative memory switched off as a third column (wha
 Both models get the same d_model, n_layers, ffn_dim, n_heads and vocabulary, RMSNorm, SwiGLU and a
 tied head; the transformer's mixer is causal F.scaled_dot_product_attention with RoPE. Each cell is
 the median time of one forward + backward (cross-entropy on next-token labels) over --repeats runs
-after a warm-up, reported as tokens per second, and the growth of the peak resident memory of a
+after a warm-up, reported as tokens per second, as model FLOPs utilisation (each model's
+flops_per_token against the measured GEMM peak of the dtype in use, mmrec.train.hardware), and the growth of the peak resident memory of a
 fresh process over that cell (ru_maxrss, so it counts every allocation; on CUDA, peak allocated).
 The ratio is MM-Rec / transformer: above 1 means MM-Rec is faster. --profile T prints torch
 profiler figures of MM-Rec's forward + backward at that length (where its time goes).
@@ -28,6 +29,7 @@ from torch import nn
 from benchmarks._harness import print_table
 from mmrec.config import ModelConfig, get_config
 from mmrec.model import RMSNorm, SwiGLU, build_base, count_parameters
+from mmrec.train.hardware import peak_flops
 
 
 def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -88,6 +90,16 @@ class TransformerBaseline(nn.Module):
         features, _ = self.features(ids)
         return self.head(features), None
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (3x forward), counted like Expert.flops_per_token: 2 per weight per
+        token for the projections and the tied head, plus causal attention's Q K^T and A V, 2 * 2 * dh
+        per (query, key) pair over the T / 2 keys a query sees on average, per head: 2 T D per layer."""
+        c = self.config
+        D = c.d_model
+        block_weights = 3 * D * D + D * D + 3 * D * c.ffn_dim
+        forward = c.n_layers * (2 * block_weights + 2 * seq_len * D) + 2 * D * c.vocab_size
+        return 3.0 * forward
+
 
 def _time_train_step(model: nn.Module, tokens: torch.Tensor, repeats: int, autocast_dtype: torch.dtype | None) -> float:
     """Median seconds of forward + backward on tokens [B, T + 1]."""
@@ -143,8 +155,9 @@ def _cell(kind: str, config: ModelConfig, length: int, args: dict, queue) -> Non
             peak = torch.cuda.max_memory_allocated(device) - before
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        flops = model.flops_per_token(length) * args["batch"] * length / seconds
         queue.put({"tokens_per_s": args["batch"] * length / seconds, "peak_mib": peak / 2**20,
-                   "params": count_parameters(model)})
+                   "params": count_parameters(model), "mfu": flops / args["peak_flops"]})
     except Exception as err:  # noqa: BLE001 - reported in the table
         queue.put({"error": f"{type(err).__name__}: {err}"})
 
@@ -196,17 +209,20 @@ def main(argv: list[str] | None = None) -> None:
 
     config = get_config(args.config)
     device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.bf16 else None
+    peak, peak_source = peak_flops(device, dtype)
     cell_args = {"threads": args.threads, "device": args.device, "batch": args.batch, "repeats": args.repeats,
-                 "bf16": args.bf16}
+                 "bf16": args.bf16, "peak_flops": peak}
     with torch.device("meta"):
         params = {kind: count_parameters(build(kind, config)) for kind in args.models}
     print(f"config {config.name}: d_model {config.d_model}, n_layers {config.n_layers}, ffn {config.ffn_dim}, "
           f"heads {config.n_heads}, vocab {config.vocab_size}; batch {args.batch}; device {device}; "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}; torch threads {args.threads or torch.get_num_threads()}")
     print("parameters: " + ", ".join(f"{kind} {n / 1e6:.2f}M" for kind, n in params.items()))
-    print(f"forward+backward tokens/s (median of {args.repeats}) and peak memory growth of the step, one fresh "
-          f"process per cell")
-    header = ["T"] + [f"{kind} tok/s" for kind in args.models] + [f"{kind} peak MiB" for kind in args.models]
+    print(f"forward+backward tokens/s (median of {args.repeats}), model FLOPs utilisation against "
+          f"{peak / 1e9:,.0f} GFLOP/s ({peak_source}) and peak memory growth of the step, one fresh process per cell")
+    header = (["T"] + [f"{kind} tok/s" for kind in args.models] + [f"{kind} MFU" for kind in args.models]
+              + [f"{kind} peak MiB" for kind in args.models])
     if {"mmrec", "transformer"} <= set(args.models):
         header.append("MM-Rec / transformer")
     rows = []
@@ -214,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         results = {kind: measure(kind, config, length, cell_args) for kind in args.models}
         row = [str(length)]
         row += [f"{r['tokens_per_s']:,.0f}" if "error" not in r else r["error"][:40] for r in results.values()]
+        row += [f"{r['mfu']:.1%}" if "error" not in r else "-" for r in results.values()]
         row += [f"{r['peak_mib']:,.0f}" if "error" not in r else "-" for r in results.values()]
         if {"mmrec", "transformer"} <= set(args.models):
             ok = all("error" not in results[k] for k in ("mmrec", "transformer"))
