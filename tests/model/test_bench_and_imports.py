@@ -48,3 +48,26 @@ def test_flops_per_token_matches_counted_matmul_flops():
             logits.sum().backward()
         counted = counter.get_total_flops() / T
         assert abs(model.flops_per_token(T) - counted) < 0.1 * counted, (model.flops_per_token(T), counted)
+
+
+def test_transformer_flops_per_token_matches_counted_flops():
+    """The baseline's MFU formula (projections, tied head, causal attention's 2 T D per layer) against
+    torch's FLOP counter, with SDPA on its math backend so that the counter sees attention's matmuls
+    (it does not count the CPU flash kernel). The math backend computes the full T x T square, the
+    formula charges the causal half, so half the square's FLOPs are taken off before comparing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmrec import get_config
+
+    config = get_config("tiny", vocab_size=512)
+    T, D, L = 256, config.d_model, config.n_layers
+    model = TransformerBaseline(config)
+    ids = torch.randint(0, config.vocab_size, (1, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        logits, _ = model(ids)
+        logits.sum().backward()
+    attention_square = 3 * L * 4 * T * T * D  # fwd + bwd of Q K^T and A V over the full square
+    assert counter.get_flop_counts()["Global"].get(torch.ops.aten.bmm, 0) >= attention_square  # attention was seen
+    counted = (counter.get_total_flops() - attention_square / 2) / T
+    assert abs(model.flops_per_token(T) - counted) < 0.05 * counted, (model.flops_per_token(T), counted)
