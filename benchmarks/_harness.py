@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mmrec.train.hardware import cpu_model, resolve_precision
+from mmrec.train.hardware import cpu_model, keep_freed_memory, resolve_precision
 
 
 def autocast_dtype(device: torch.device, choice: str) -> tuple[torch.dtype | None, str]:
@@ -70,6 +70,8 @@ def train(
         lr=lr, betas=betas,
     )
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        keep_freed_memory()  # as the training loop does
     result = TrainResult()
     start = time.perf_counter()
     model.train()

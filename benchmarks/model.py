@@ -29,7 +29,7 @@ from torch import nn
 from benchmarks._harness import print_table
 from mmrec.config import ModelConfig, get_config
 from mmrec.model import RMSNorm, SwiGLU, build_base, count_parameters
-from mmrec.train.hardware import peak_flops
+from mmrec.train.hardware import keep_freed_memory, peak_flops
 
 
 def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -142,6 +142,8 @@ def _cell(kind: str, config: ModelConfig, length: int, args: dict, queue) -> Non
         if args["threads"]:
             torch.set_num_threads(args["threads"])
         device = torch.device(args["device"])
+        if device.type == "cpu":
+            keep_freed_memory()  # as the training loop does (mmrec.train.hardware)
         torch.manual_seed(0)
         model = build(kind, config).to(device)
         tokens = torch.randint(0, config.vocab_size, (args["batch"], length + 1), device=device)

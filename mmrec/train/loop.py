@@ -40,7 +40,7 @@ from mmrec.train import checkpoint as ckpt
 from mmrec.train.engine import Engine, TorchEngine
 from mmrec.train.export import write_export
 from mmrec.train.faults import FaultHook, hash_sample
-from mmrec.train.hardware import peak_flops, resolve_precision
+from mmrec.train.hardware import keep_freed_memory, peak_flops, resolve_precision
 from mmrec.train.loss import EvalResult, evaluate
 from mmrec.train.preflight import preflight
 from mmrec.train.records import RunRecords
@@ -101,6 +101,7 @@ class Trainer:
         self.grad_accum = cfg.grad_accum_steps_for(self.world_size)
         self.device = torch.device("cuda", self.ctx.local_rank) if cfg.scaling.use_gpu else torch.device("cpu")
         self.autocast_dtype, self.precision_note = resolve_precision(self.train.precision, self.device)
+        self.allocator_note = keep_freed_memory() if self.device.type == "cpu" else ""
         self.scratch = Path(tempfile.mkdtemp(prefix=f"mmrec-{cfg.stage}-r{self.rank}-"))
         self.attempt_id = self._broadcast_attempt_id()
         self.tokenizer_file = self._fetch_tokenizer()
@@ -394,6 +395,8 @@ class Trainer:
                   f"(micro {train.micro_batch_size} x accum {self.grad_accum} x {self.world_size} workers) "
                   f"x {train.seq_len} tokens; {self.setup.flops_per_token / 1e6:.1f} MFLOP/token, "
                   f"peak {self.peak / 1e12:.2f} TFLOP/s ({self.peak_note}); run {self.run_url}")
+        if self.allocator_note:
+            self.info(self.allocator_note)
         records = self._records = RunRecords(
             self.run_url, self.scratch, resume_step=self.step if resume else None, tensorboard=cfg.run.tensorboard,
             plots=cfg.run.plots, title=f"{cfg.stage} ({cfg.run_name})") if self.rank == 0 else None

@@ -22,3 +22,33 @@ def test_auto_follows_this_machines_measured_gemm_rates(tmp_path, monkeypatch):
     expect_bf16 = ("amx_bf16" in flags or "avx512_bf16" in flags) and bf16 >= BF16_MIN_GAIN * fp32
     assert (dtype == torch.bfloat16) == expect_bf16, why
     assert resolve_precision("fp32", cpu)[0] is None and resolve_precision("bf16", cpu)[0] == torch.bfloat16
+
+
+def test_keep_freed_memory_stops_page_faults_on_reallocation():
+    """A large tensor allocated, freed and allocated again: with glibc's defaults every round is a fresh
+    mmap whose pages the kernel zero-fills on first touch; after keep_freed_memory the heap keeps them.
+    Run in a fresh interpreter, because mallopt changes the whole process for good."""
+    import subprocess
+    import sys
+
+    probe = """
+import resource, sys, torch
+from mmrec.train.hardware import keep_freed_memory
+if sys.argv[1] == "keep":
+    print(keep_freed_memory(), file=sys.stderr)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(64 * 2**20 // 4).fill_(1.0)  # a 64 MiB tensor, over glibc's largest mmap threshold
+before = faults()
+for _ in range(5):
+    torch.empty(64 * 2**20 // 4).fill_(1.0)
+print(faults() - before)
+"""
+    runs = {}
+    for mode in ("default", "keep"):
+        done = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        runs[mode] = int(done.stdout.split()[-1])
+    pages = 5 * 64 * 2**20 // 4096
+    assert runs["default"] > 0.9 * pages  # every round faulted its pages in again
+    assert runs["keep"] < 0.1 * pages, runs
