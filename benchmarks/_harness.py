@@ -15,13 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mmrec.train.hardware import cpu_model, keep_freed_memory, resolve_precision
-
-
-def autocast_dtype(device: torch.device, choice: str) -> tuple[torch.dtype | None, str]:
-    """(autocast dtype or None for fp32, a line saying why): the training loop's own rule for
-    train.precision auto / bf16 / fp32."""
-    return resolve_precision(choice, device)
+from mmrec.train.hardware import cpu_model, keep_freed_memory
 
 
 def machine_line(device: torch.device) -> str:

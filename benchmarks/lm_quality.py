@@ -34,6 +34,7 @@ from benchmarks import _harness
 from benchmarks.model import TransformerBaseline
 from mmrec.config import ModelConfig, get_config
 from mmrec.model import build_base, count_parameters
+from mmrec.train.hardware import resolve_precision
 
 DOMAINS = ("text", "code")
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype, precision = _harness.autocast_dtype(device, args.precision)
+    dtype, precision = resolve_precision(args.precision, device)
 
     start = time.perf_counter()
     base_config = get_config(args.config)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from benchmarks import _harness
 from mmrec.config import get_config
+from mmrec.train.hardware import resolve_precision
 from mmrec.model import build_base, count_parameters
 
 IGNORE = -100
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype, precision = _harness.autocast_dtype(device, args.precision)
+    dtype, precision = resolve_precision(args.precision, device)
     cell_args = {key: getattr(args, key) for key in ("threads", "device", "vocab", "test_examples", "seed", "batch",
                                                      "heads", "steps", "log_every")} | {"dtype": dtype}
     settings = []
