@@ -86,12 +86,47 @@ def sha256_hex(data: bytes) -> str:
 
 def read_shard(data: bytes, *, name: str, expected_sha256: str | None, expected_samples: int,
                sample_tokens: int) -> np.ndarray:
-    """Verify and decode a shard into samples [n, sample_tokens]; CorruptShardError on any mismatch."""
-    if expected_sha256 is not None:
-        actual = sha256_hex(data)
-        if actual != expected_sha256:
-            raise CorruptShardError(f"shard {name} fails its checksum (sha256 {actual[:12]}..., "
-                                    f"manifest says {expected_sha256[:12]}...; {len(data)} bytes)")
+    """Verify and decode a shard into samples [n, sample_tokens]; CorruptShardError on any mismatch.
+
+    The tar is walked directly (`_ustar_members`) and each `.tokens.npy` row is a view into `data`
+    copied once into the result: about 10x faster than tarfile + np.load per member, which matters
+    because the loader decodes in a prefetch thread that holds the GIL while it does.
+    `read_shard_tarfile` is the same decoder through the standard library, the reference the
+    tests compare this one with.
+    """
+    _check_sha(data, name, expected_sha256)
+    view = memoryview(data)
+    rows: list[int] = []  # byte offset of each row's array data in `data`
+    dtype: np.dtype | None = None
+    headers: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}  # npy header -> (dtype, shape, data offset)
+    for member, start, size in _ustar_members(view, name):
+        if not member.endswith(".tokens.npy"):
+            continue
+        prefix = bytes(view[start:start + min(size, 4096)])  # the .npy header is 128 bytes as np.save writes it
+        npy_header = prefix[:prefix.find(b"\n") + 1]
+        if npy_header not in headers:
+            headers[npy_header] = _npy_layout(prefix, name, member)
+        row_dtype, shape, offset = headers[npy_header]
+        if shape != (sample_tokens,) or size != offset + sample_tokens * row_dtype.itemsize:
+            raise CorruptShardError(f"shard {name} holds a sample of shape {shape} ({size} bytes) in {member}, "
+                                    f"the manifest says {sample_tokens} tokens")
+        if dtype is not None and row_dtype != dtype:
+            raise CorruptShardError(f"shard {name} mixes token dtypes ({dtype} and {row_dtype} in {member})")
+        dtype = row_dtype
+        rows.append(start + offset)
+    if len(rows) != expected_samples:
+        raise CorruptShardError(f"shard {name} holds {len(rows)} samples, the manifest says "
+                                f"{expected_samples} of {sample_tokens} tokens")
+    out = np.empty((len(rows), sample_tokens), dtype=dtype if dtype is not None else np.int64)
+    for i, offset in enumerate(rows):
+        out[i] = np.frombuffer(view, dtype=dtype, count=sample_tokens, offset=offset)
+    return out
+
+
+def read_shard_tarfile(data: bytes, *, name: str, expected_sha256: str | None, expected_samples: int,
+                       sample_tokens: int) -> np.ndarray:
+    """read_shard through tarfile and np.load: slow, plainly right; the tests' reference."""
+    _check_sha(data, name, expected_sha256)
     rows = []
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -105,3 +140,64 @@ def read_shard(data: bytes, *, name: str, expected_sha256: str | None, expected_
         raise CorruptShardError(f"shard {name} holds {len(rows)} samples, the manifest says "
                                 f"{expected_samples} of {sample_tokens} tokens")
     return np.stack(rows) if rows else np.empty((0, sample_tokens), dtype=np.int64)
+
+
+def _check_sha(data: bytes, name: str, expected_sha256: str | None) -> None:
+    if expected_sha256 is not None:
+        actual = sha256_hex(data)
+        if actual != expected_sha256:
+            raise CorruptShardError(f"shard {name} fails its checksum (sha256 {actual[:12]}..., "
+                                    f"manifest says {expected_sha256[:12]}...; {len(data)} bytes)")
+
+
+_BLOCK = 512
+
+
+def _ustar_members(view: memoryview, name: str):
+    """(member name, payload offset, payload size) of every regular file of a POSIX tar, in order.
+
+    Each header's checksum is verified and every payload must lie inside the data; the archive
+    ends at a zero block (or at the end of the data, as tarfile accepts). Anything else, or a
+    member type other than a regular file (a link, a pax or GNU extension header: what
+    shard_bytes never writes), is a CorruptShardError naming the offset.
+    """
+    offset, end = 0, len(view)
+    while offset + _BLOCK <= end:
+        header = bytes(view[offset:offset + _BLOCK])
+        if header == bytes(_BLOCK):
+            return
+        try:
+            recorded = int(header[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
+            size = int(header[124:136].replace(b"\0", b" ").strip() or b"0", 8)
+        except ValueError:
+            recorded = size = -1
+        if recorded != sum(header[:148]) + 8 * 32 + sum(header[156:]) or size < 0:
+            raise CorruptShardError(f"shard {name} does not parse as a tar of samples: "
+                                    f"bad header at byte {offset}")
+        if header[156:157] not in (b"0", b"\0"):
+            raise CorruptShardError(f"shard {name} does not parse as a tar of samples: member type "
+                                    f"{header[156:157]!r} at byte {offset} (only regular files are read)")
+        member = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+        if prefix:
+            member = prefix.decode("utf-8", "replace") + "/" + member
+        start = offset + _BLOCK
+        if start + size > end:
+            raise CorruptShardError(f"shard {name} does not parse as a tar of samples: {member} is cut short "
+                                    f"({end - start} of {size} bytes)")
+        yield member, start, size
+        offset = start + -(-size // _BLOCK) * _BLOCK
+
+
+def _npy_layout(prefix: bytes, name: str, member: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, offset of the array data) of an .npy payload from its first bytes."""
+    stream = io.BytesIO(prefix)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CorruptShardError(f"shard {name}: {member} is not an .npy array: {exc}") from None
+    if dtype.hasobject or fortran_order and len(shape) > 1:
+        raise CorruptShardError(f"shard {name}: {member} is not a plain token array ({dtype}, fortran {fortran_order})")
+    return dtype, tuple(shape), stream.tell()
