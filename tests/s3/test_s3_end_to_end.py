@@ -66,10 +66,15 @@ def test_the_smoke_pipeline_runs_with_everything_on_s3(s3, tmp_path):
     ran = launch("launchers.pipeline", "--out", out, "--set", 'prep.sources=["demo?max_mb=0.6"]',
                  "--set", "prep.vocab_size=512", "--set", "prep.val_fraction=0.25", "--set", "train.max_steps=12", "--set", "train.eval_every=6",
                  "--set", "train.checkpoint_every=6", "--set", "pipeline.enforce_checks=false",
-                 "--set", "pipeline.eval_batches=2", timeout=1500)
+                 "--set", "pipeline.eval_batches=2",
+                 # One worker per stage and a head of 4 logical CPUs: the two stage-2 jobs run side by side
+                 # (the path make smoke's 2-CPU head never takes); two workers' ZeRO-2 checkpoint parts on S3
+                 # are the killed-worker test's.
+                 "--set", "scaling.num_workers=1", "--set", "pipeline.num_cpus=4", timeout=1500)
     assert ran.code == 0, ran.text[-4000:]
     report = json.loads(storage.read_text(f"{out}/report.json"))
     assert set(report["stages"]) == {"stage1", "stage2-text", "stage2-code", "stage3"}
+    assert "stage2-text and stage2-code run side by side" in ran.text
     assert set(report["evaluation"]) >= {"base", "text expert", "code expert", "fused", "oracle-routed experts"}
     assert report["sample"]["text"]
     for stage in report["stages"]:
