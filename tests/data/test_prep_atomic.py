@@ -37,8 +37,10 @@ NEW = dict(OLD, seq_len=24, vocab_size=420)  # the re-run: every shard and the t
 # Runs prepare(**json) in its own process; at the prep_event named by argv[1] it writes the log
 # message to the file argv[2] and waits there for the test's signal.
 DRIVER = r"""
-import json, logging, os, sys, time
+import faulthandler, json, logging, os, signal, sys, time
 from datasets_prep import prepare
+
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for every thread's stack on a hang
 
 stop_at, marker, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 
@@ -177,14 +179,17 @@ class Driver:
             time.sleep(0.05)
         return self.marker.read_text()
 
-    def signal(self, sig: int, timeout: float = 60) -> int:
+    def signal(self, sig: int, timeout: float = 90) -> int:
         os.kill(self.process.pid, sig)
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
+            # Where it hangs: every thread's Python stack into the log (faulthandler, DRIVER), then end it.
+            os.kill(self.process.pid, signal.SIGUSR1)
+            time.sleep(2)
             self.kill()
             pytest.fail(f"prep ignored {signal.Signals(sig).name} for {timeout} s:\n"
-                        f"{self.log.read_text()[-4000:]}")
+                        f"{self.log.read_text()[-12000:]}")
 
     def kill(self) -> None:
         if self.process.poll() is None:
