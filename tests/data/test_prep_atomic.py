@@ -41,6 +41,9 @@ import faulthandler, json, logging, os, signal, sys, time
 from datasets_prep import prepare
 
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for every thread's stack on a hang
+# Python keeps SIGINT ignored when it starts ignored, as it does under a shell's background job (`make
+# test &`, nohup): the driver stands for an interactive prep, which Ctrl-C interrupts.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 stop_at, marker, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 
