@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from benchmarks import _harness
 from mmrec.config import get_config
-from mmrec.train.hardware import resolve_precision
 from mmrec.model import build_base, count_parameters
+from mmrec.train.hardware import resolve_precision
 
 IGNORE = -100
 
