@@ -34,10 +34,11 @@ def decay_gate(f: torch.Tensor, lo: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ShortConv(nn.Module):
-    """Causal depthwise convolution over time with K taps: y_t = sum_j w_j x_{t-K+1+j}.
+    """silu of a causal depthwise convolution over time with K taps: y_t = silu(sum_j w_j x_{t-K+1+j}).
 
     The K - 1 inputs before the chunk come from the state (zeros at the start of a sequence), so
-    a sequence run in chunks gives the same outputs as one run over the whole sequence.
+    a sequence run in chunks gives the same outputs as one run over the whole sequence. The op is
+    `kernels.short_conv` (one fused C kernel for fp32 on CPU, torch ops elsewhere).
     """
 
     def __init__(self, channels: int, taps: int):
@@ -49,14 +50,16 @@ class ShortConv(nn.Module):
     def forward(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         # x [B, T, C]; tail [B, K-1, C] (the inputs before x) or None -> y [B, T, C], new tail [B, K-1, C]
         B, T, C = x.shape
-        if tail is None:
-            tail = x.new_zeros(B, self.taps - 1, C)
-        padded = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, T + K - 1, C]
-        weight = self.weight.to(x.dtype)
-        y = padded[:, self.taps - 1 :] * weight[:, -1]
-        for j in range(self.taps - 1):  # K shifted multiply-adds: cheaper than conv1d's im2col for K = 4
-            y = torch.addcmul(y, padded[:, j : j + T], weight[:, j])
-        return y, padded[:, T:]
+        if tail is not None:
+            tail = tail.to(x.dtype)
+        y = kernels.short_conv(x, self.weight.to(x.dtype), tail)
+        keep = self.taps - 1  # the last K-1 inputs, the next chunk's tail
+        if T >= keep:
+            new_tail = x[:, T - keep :]
+        else:
+            before = tail if tail is not None else x.new_zeros(B, keep, C)
+            new_tail = torch.cat([before, x], dim=1)[:, -keep:] if keep else x[:, :0]
+        return y, new_tail
 
 
 class MMRecBlock(nn.Module):
@@ -91,8 +94,7 @@ class MMRecBlock(nn.Module):
             mixed_in, g, rest = projected.split([D, D, 2 * D], dim=-1)
         conv_tail = None
         if self.conv is not None:
-            mixed_in, conv_tail = self.conv(mixed_in, None if state is None else state.conv)
-            mixed_in = F.silu(mixed_in)
+            mixed_in, conv_tail = self.conv(mixed_in, None if state is None else state.conv)  # silu included
         acc = accumulation_dtype(mixed_in)
         memory = h_last = None
         if self.memory:
