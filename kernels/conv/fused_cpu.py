@@ -1,96 +1,34 @@
-"""Causal depthwise convolution + SiLU as one C kernel for fp32 CPU tensors (short_conv.c).
-
-The C source is compiled on first use with the system's C compiler ($CC, else cc, gcc or g++) into
-$MMREC_CACHE_DIR/kernels (default ~/.cache/mmrec/kernels), keyed by the source, the flags and the
-CPU's feature flags (-march=native code built on one CPU model may not run on another), and loaded
-with ctypes: no torch headers, so a build takes under a second. The build is written to a
-temporary name and renamed into place, so processes starting together (Ray workers) never load a
-half-written library. `available()` says whether it could be built, and why not.
+"""Causal depthwise convolution + SiLU (+ L2 norm of channel groups) as one C kernel for fp32 CPU
+tensors (short_conv.c, built on first use by kernels.c_build: a C compiler is needed).
 
 Forward and backward each make one pass over the rows (the torch version, `shifted.py`, about
-25); the backward recomputes the pre-activation instead of saving it. Threads: the kernel splits
-channels over torch.get_num_threads() POSIX threads.
+25, and F.normalize a dozen more); the backward recomputes the pre-activation instead of saving
+it. Threads: the kernel splits channels over torch.get_num_threads() POSIX threads.
 """
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from kernels import c_build
 
 SOURCE = Path(__file__).with_name("short_conv.c")
-FLAGS = ("-x", "c", "-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-pthread")  # -x c: g++ will do too
 MAX_TAPS = 16  # as in short_conv.c
+NORM_EPS = 1e-12  # F.normalize's
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MMREC_CACHE_DIR", Path.home() / ".cache" / "mmrec")) / "kernels"
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the machine and its CPU's feature flags."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()} {flags}"
-
-
-class BuildError(RuntimeError):
-    pass
-
-
-def _build() -> ctypes.CDLL:
-    wanted = os.environ.get("CC")
-    compiler = shutil.which(wanted) if wanted else next(filter(None, map(shutil.which, ("cc", "gcc", "g++"))), None)
-    if not compiler:
-        looked = f"$CC={wanted!r} is not an executable" if wanted else "no cc, gcc or g++ on PATH"
-        raise BuildError(f"no C compiler ({looked}); install one (Debian: apt install gcc) or set CC")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"short_conv-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            done = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"],
-                                  capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                raise BuildError(f"{compiler} failed on {SOURCE} (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
-            os.replace(partial, target)
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
-        log.info("built the fused short-conv CPU kernel: %s", target)
-    lib = ctypes.CDLL(str(target))
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.short_conv_silu_forward.argtypes = [i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
-    lib.short_conv_silu_backward.argtypes = [i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
-    lib.short_conv_silu_forward.restype = lib.short_conv_silu_backward.restype = ctypes.c_int
-    return lib
-
-
-@functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
-    try:
-        return _build(), ""
-    except (BuildError, OSError, subprocess.TimeoutExpired) as error:
-        return None, str(error)
+    lib, why = c_build.load(SOURCE)
+    if lib is not None and not getattr(lib, "_typed", False):
+        i64, ptr, f32, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+        lib.short_conv_silu_forward.argtypes = [i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, f32, cint]
+        lib.short_conv_silu_backward.argtypes = [i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr,
+                                                 i64, i64, f32, cint]
+        lib.short_conv_silu_forward.restype = lib.short_conv_silu_backward.restype = cint
+        lib._typed = True
+    return lib, why
 
 
 def available() -> tuple[bool, str]:
@@ -110,25 +48,31 @@ def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+_STATUS = {-1: "taps out of range", -2: "out of memory", -3: "normalised channels are not whole groups"}
+
+
 def _check(status: int, what: str) -> None:
     if status != 0:
-        raise RuntimeError(f"short_conv C kernel: {what} failed (status {status}: "
-                           f"{'taps out of range' if status == -1 else 'out of memory'})")
+        raise RuntimeError(f"short_conv C kernel: {what} failed (status {status}: {_STATUS.get(status, 'unknown')})")
 
 
-def forward_into(x: torch.Tensor, weight_kc: torch.Tensor, tail: torch.Tensor | None, out: torch.Tensor) -> None:
-    """out [B, T, C] (contiguous) = silu(conv(x)); x [B, T, C] with unit channel stride, weight_kc [K, C]
-    contiguous, tail [B, K-1, C] contiguous or None."""
+def forward_into(x: torch.Tensor, weight_kc: torch.Tensor, tail: torch.Tensor | None, out: torch.Tensor,
+                 normalize: tuple[int, int] = (0, 1), eps: float = NORM_EPS) -> None:
+    """out [B, T, C] (contiguous) = silu(conv(x)), the first normalize[0] channels L2-normalised in groups of
+    normalize[1]; x [B, T, C] with unit channel stride, weight_kc [K, C] contiguous, tail [B, K-1, C]
+    contiguous or None."""
     lib, why = _library()
     if lib is None:
         raise RuntimeError(f"short_conv C kernel unavailable: {why}")
     B, T, C = x.shape
     status = lib.short_conv_silu_forward(B, T, C, weight_kc.shape[0], x.data_ptr(), x.stride(0), x.stride(1),
-                                         _pointer(tail), weight_kc.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                                         _pointer(tail), weight_kc.data_ptr(), out.data_ptr(), *normalize, eps,
+                                         torch.get_num_threads())
     _check(status, "forward")
 
 
-def backward_into(x, weight_kc, tail, grad_y, grad_x, grad_tail, grad_weight_kc) -> None:
+def backward_into(x, weight_kc, tail, grad_out, grad_x, grad_tail, grad_weight_kc,
+                  normalize: tuple[int, int] = (0, 1), eps: float = NORM_EPS) -> None:
     """grad_x [B, T, C], grad_tail [B, K-1, C] (or None), grad_weight_kc [K, C]: all contiguous, all written."""
     lib, why = _library()
     if lib is None:
@@ -136,31 +80,36 @@ def backward_into(x, weight_kc, tail, grad_y, grad_x, grad_tail, grad_weight_kc)
     B, T, C = x.shape
     status = lib.short_conv_silu_backward(
         B, T, C, weight_kc.shape[0], x.data_ptr(), x.stride(0), x.stride(1), _pointer(tail), weight_kc.data_ptr(),
-        grad_y.data_ptr(), grad_x.data_ptr(), _pointer(grad_tail), grad_weight_kc.data_ptr(), torch.get_num_threads())
+        grad_out.data_ptr(), grad_x.data_ptr(), _pointer(grad_tail), grad_weight_kc.data_ptr(), *normalize, eps,
+        torch.get_num_threads())
     _check(status, "backward")
 
 
 class ShortConvSiluFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, tail):  # x [B, T, C], weight [C, K], tail [B, K-1, C] or None -> y [B, T, C]
+    def forward(ctx, x, weight, tail, normalize):
+        # x [B, T, C], weight [C, K], tail [B, K-1, C] or None, normalize (channels, group) -> out [B, T, C]
         weight_kc = weight.detach().t().contiguous()
         tail = tail.contiguous() if tail is not None else None
         out = torch.empty(x.shape, dtype=x.dtype)
-        forward_into(x, weight_kc, tail, out)
+        forward_into(x, weight_kc, tail, out, normalize)
         ctx.save_for_backward(x, weight_kc, tail)
+        ctx.normalize = normalize
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_out):
         x, weight_kc, tail = ctx.saved_tensors
         grad_x = torch.empty(x.shape, dtype=x.dtype)
         grad_tail = torch.empty(tail.shape, dtype=x.dtype) if tail is not None and ctx.needs_input_grad[2] else None
         grad_weight_kc = torch.empty_like(weight_kc)
-        backward_into(x, weight_kc, tail, grad_y.contiguous(), grad_x, grad_tail, grad_weight_kc)
-        return grad_x, grad_weight_kc.t(), grad_tail
+        backward_into(x, weight_kc, tail, grad_out.contiguous(), grad_x, grad_tail, grad_weight_kc, ctx.normalize)
+        return grad_x, grad_weight_kc.t(), grad_tail, None
 
 
-def short_conv_fused_cpu(x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
-    """silu(causal depthwise conv) of x [B, T, C] with weight [C, K] after tail [B, K-1, C] (None: zeros)."""
-    return ShortConvSiluFunction.apply(x, weight, tail)
+def short_conv_fused_cpu(x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None,
+                         normalize: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """silu(causal depthwise conv) of x [B, T, C] with weight [C, K] after tail [B, K-1, C] (None: zeros),
+    its first normalize[0] channels L2-normalised in groups of normalize[1]."""
+    return ShortConvSiluFunction.apply(x, weight, tail, normalize)

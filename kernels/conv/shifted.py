@@ -1,4 +1,4 @@
-"""Causal depthwise convolution + SiLU in torch ops: K shifted multiply-adds (any device, any dtype).
+"""Causal depthwise convolution + SiLU (+ L2 norm of groups) in torch ops: K shifted multiply-adds, any device and dtype.
 
 The path for CUDA, for bf16/fp16/fp64 tensors, and on CPUs where the C kernel cannot be built.
 Autograd differentiates it as written (about 25 passes over [B, T, C] forward and backward
@@ -9,11 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.conv.reference import normalize_groups
+
 
 def short_conv_shifted(
     x: torch.Tensor,  # [B, T, C]
     weight: torch.Tensor,  # [C, K]
     tail: torch.Tensor | None,  # [B, K-1, C] inputs before x, or None for zeros
+    normalize: tuple[int, int] = (0, 1),  # (channels, group): the first channels L2-normalised per group
 ) -> torch.Tensor:  # y [B, T, C] in x's dtype
     B, T, C = x.shape
     K = weight.shape[1]
@@ -24,4 +27,4 @@ def short_conv_shifted(
     y = padded[:, K - 1 :] * weight[:, -1]
     for j in range(K - 1):  # cheaper than conv1d's im2col for K = 4
         y = torch.addcmul(y, padded[:, j : j + T], weight[:, j])
-    return F.silu(y)
+    return normalize_groups(F.silu(y), normalize)

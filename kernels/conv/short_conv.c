@@ -1,22 +1,28 @@
-/* Causal depthwise convolution with K taps followed by SiLU, forward and backward, fp32, for CPU.
+/* Causal depthwise convolution with K taps, SiLU, and optionally an L2 normalisation of groups of
+   channels, forward and backward, fp32, for CPU.
 
-   Per batch b, time t and channel c (x_{t} for t < 0 comes from `tail`, zeros when tail is NULL):
+   Per batch b, time t and channel c (x_t for t < 0 comes from `tail`, zeros when tail is NULL):
 
        pre_t = sum_{j<K} w[j][c] x_{t-K+1+j},      y_t = silu(pre_t) = pre_t sigmoid(pre_t)
+       out_t = y_t / max(|y_t|_G, eps)  for the first `norm_channels` channels, in groups G of
+               `group` channels (the heads of q and k); out_t = y_t for the others
 
-   Backward, with gpre_t = gy_t sigmoid(pre_t) (1 + pre_t (1 - sigmoid(pre_t))):
+   Backward: for a normalised group, gy = (gout - out (out . gout)) / max(|y|, eps) (gout / eps when
+   |y| < eps, where the denominator is the constant eps), else gy = gout; then
+   gpre_t = gy_t sigmoid(pre_t) (1 + pre_t (1 - sigmoid(pre_t))) and
 
        gx_p  = sum_j w[j][c] gpre_{p+K-1-j}          (0 <= p+K-1-j < T; p < 0 is the tail's gradient)
        gw[j] = sum_{b,t} gpre_t x_{t-K+1+j}
 
    One pass over the rows each way: the torch version of the same op makes ~25 passes over
    [B, T, C] (cat, K multiply-adds, SiLU, and in backward slice-gradients, zero fills and
-   reductions). The backward recomputes pre_t (cheaper than storing it) and keeps the last K rows
-   of gpre in a ring buffer. Channels are the inner, contiguous dimension (vectorised by the
-   compiler); threads take disjoint channel ranges, so weight-gradient sums need no atomics, and
-   they are accumulated in double. exp is a vectorisable polynomial (below), not libm's.
+   reductions), and F.normalize another dozen. The backward recomputes pre_t (cheaper than storing
+   it) and keeps the last K rows of gpre in a ring buffer. Channels are the inner, contiguous
+   dimension (vectorised by the compiler); threads take disjoint ranges of whole channel blocks
+   and groups, so weight-gradient sums need no atomics; they are accumulated in double. exp is a
+   vectorisable polynomial (below), not libm's.
    Layout: x rows may have any stride (a split view of the input projection); w is [K, C]
-   (transposed by the caller); y, gy, gx are contiguous [B, T, C]; tail and gtail [B, K-1, C]. */
+   (transposed by the caller); out, gout, gx are contiguous [B, T, C]; tail and gtail [B, K-1, C]. */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -54,7 +60,8 @@ static inline float exp_poly(float x) {
 static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
 
 typedef struct {
-    int64_t B, T, C, K, x_stride_b, x_stride_t;
+    int64_t B, T, C, K, x_stride_b, x_stride_t, norm_channels, group;
+    float eps;
     const float *x, *tail, *w, *gy;
     float *y, *gx, *gtail, *gw;
     int64_t c_begin, c_end;
@@ -79,17 +86,33 @@ static void pre_activation(const Job *j, int64_t b, int64_t t, int64_t c0, int64
     }
 }
 
+/* Normalise, in place, the groups of row[c_begin..c_end) that lie in the first norm_channels
+   channels (row is indexed by absolute channel). */
+static void normalise_groups(const Job *j, float *row) {
+    int64_t end = j->c_end < j->norm_channels ? j->c_end : j->norm_channels;
+    for (int64_t g0 = j->c_begin; g0 < end; g0 += j->group) {
+        float squares = 0.0f;
+        for (int64_t i = 0; i < j->group; i++) squares += row[g0 + i] * row[g0 + i];
+        float norm = sqrtf(squares);
+        float inverse = 1.0f / (norm > j->eps ? norm : j->eps);
+        for (int64_t i = 0; i < j->group; i++) row[g0 + i] *= inverse;
+    }
+}
+
 static void *forward_job(void *arg) {
     const Job *j = arg;
     float pre[BLOCK];
     for (int64_t b = 0; b < j->B; b++)
-        for (int64_t t = 0; t < j->T; t++)
+        for (int64_t t = 0; t < j->T; t++) {
+            float *row = j->y + (b * j->T + t) * j->C;
             for (int64_t c0 = j->c_begin; c0 < j->c_end; c0 += BLOCK) {
                 int64_t n = j->c_end - c0 < BLOCK ? j->c_end - c0 : BLOCK;
                 pre_activation(j, b, t, c0, n, pre);
-                float *out = j->y + (b * j->T + t) * j->C + c0;
+                float *out = row + c0;
                 for (int64_t i = 0; i < n; i++) out[i] = pre[i] * sigmoid(pre[i]);
             }
+            if (j->norm_channels > j->c_begin) normalise_groups(j, row);
+        }
     return NULL;
 }
 
@@ -101,8 +124,10 @@ static void *forward_job(void *arg) {
 static void *backward_job(void *arg) {
     Job *j = arg;
     const int64_t K = j->K, T = j->T, C = j->C, c_begin = j->c_begin, width = j->c_end - j->c_begin;
-    float *ring = calloc((size_t)(2 * K * width), sizeof(float)); /* gpre of step t: ring[(t % K) * width] */
-    float *partial = ring + K * width;
+    /* ring: gpre of step t at ring[(t % K) * width]; then the fp32 weight-gradient partial sums,
+       and this row's pre-activation and silu output */
+    float *ring = calloc((size_t)((2 * K + 2) * width), sizeof(float));
+    float *partial = ring + K * width, *pre = partial + K * width, *y = pre + width;
     double *gw = calloc((size_t)(K * width), sizeof(double));
     if (!ring || !gw) {
         free(ring);
@@ -110,27 +135,42 @@ static void *backward_job(void *arg) {
         j->failed = 1;
         return NULL;
     }
-    float pre[BLOCK];
     for (int64_t b = 0; b < j->B; b++) {
         for (int64_t t = 0; t < T + K - 1; t++) {
             if (t < T) {
-                float *slot = ring + (t % K) * width;
+                float *gpre = ring + (t % K) * width;
+                const float *g = j->gy + (b * T + t) * C + c_begin;
                 for (int64_t c0 = c_begin; c0 < j->c_end; c0 += BLOCK) {
-                    int64_t n = j->c_end - c0 < BLOCK ? j->c_end - c0 : BLOCK;
-                    float *gpre = slot + (c0 - c_begin);
-                    pre_activation(j, b, t, c0, n, pre);
-                    const float *g = j->gy + (b * T + t) * C + c0;
-                    for (int64_t i = 0; i < n; i++) {
-                        float s = sigmoid(pre[i]);
-                        gpre[i] = g[i] * s * (1.0f + pre[i] * (1.0f - s));
+                    int64_t n = j->c_end - c0 < BLOCK ? j->c_end - c0 : BLOCK, at = c0 - c_begin;
+                    pre_activation(j, b, t, c0, n, pre + at);
+                    for (int64_t i = at; i < at + n; i++) {
+                        y[i] = pre[i] * sigmoid(pre[i]);
+                        gpre[i] = g[i];
                     }
-                    for (int64_t tap = 0; tap < K; tap++) {
-                        const float *row = x_row(j, b, t - K + 1 + tap);
-                        if (!row) continue;
-                        row += c0;
-                        float *acc = partial + tap * width + (c0 - c_begin);
-                        for (int64_t i = 0; i < n; i++) acc[i] += gpre[i] * row[i];
+                }
+                /* through the normalisation: gy = (gout - out (out . gout)) / max(|y|, eps) */
+                int64_t norm_end = (j->c_end < j->norm_channels ? j->c_end : j->norm_channels) - c_begin;
+                for (int64_t g0 = 0; g0 < norm_end; g0 += j->group) {
+                    float squares = 0.0f, dot = 0.0f;
+                    for (int64_t i = g0; i < g0 + j->group; i++) {
+                        squares += y[i] * y[i];
+                        dot += y[i] * g[i];
                     }
+                    float norm = sqrtf(squares);
+                    float inverse = 1.0f / (norm > j->eps ? norm : j->eps);
+                    float along = norm > j->eps ? dot * inverse * inverse : 0.0f; /* (out . gout) / |y| */
+                    for (int64_t i = g0; i < g0 + j->group; i++) gpre[i] = (g[i] - y[i] * along) * inverse;
+                }
+                for (int64_t i = 0; i < width; i++) {
+                    float s = sigmoid(pre[i]);
+                    gpre[i] *= s * (1.0f + pre[i] * (1.0f - s));
+                }
+                for (int64_t tap = 0; tap < K; tap++) {
+                    const float *row = x_row(j, b, t - K + 1 + tap);
+                    if (!row) continue;
+                    row += c_begin;
+                    float *acc = partial + tap * width;
+                    for (int64_t i = 0; i < width; i++) acc[i] += gpre[i] * row[i];
                 }
                 if ((t + 1) % FLUSH == 0 || t == T - 1)
                     for (int64_t i = 0; i < K * width; i++) {
@@ -161,19 +201,27 @@ static void *backward_job(void *arg) {
 }
 
 /* Split channels into `threads` ranges of whole blocks and run `fn` on each (the caller's thread
-   takes the first). Returns 0, or -1 if K is out of range or a thread could not be started. */
+   takes the first). Returns 0; -1 if K is out of range, -3 if the normalised channels are not whole groups,
+   -2 if a job could not allocate its buffers. A thread that cannot be started runs on the caller's. */
+static int64_t gcd(int64_t a, int64_t b) { return b ? gcd(b, a % b) : a; }
+
 static int run(Job base, int threads, void *(*fn)(void *)) {
     if (base.K < 1 || base.K > MAX_TAPS) return -1;
-    int64_t blocks = (base.C + BLOCK - 1) / BLOCK;
+    if (base.norm_channels < 0 || base.norm_channels > base.C ||
+        (base.norm_channels > 0 && (base.group < 1 || base.norm_channels % base.group != 0)))
+        return -3;
+    /* ranges are whole blocks and, where groups are normalised, whole groups */
+    int64_t unit = base.norm_channels > 0 ? BLOCK / gcd(BLOCK, base.group) * base.group : BLOCK;
+    int64_t units = (base.C + unit - 1) / unit;
     if (threads < 1) threads = 1;
-    if (threads > blocks) threads = (int)blocks;
+    if (threads > units) threads = (int)units;
     Job jobs[64];
     pthread_t ids[64];
     if (threads > 64) threads = 64;
     for (int i = 0; i < threads; i++) {
         jobs[i] = base;
-        jobs[i].c_begin = blocks * i / threads * BLOCK;
-        int64_t end = blocks * (i + 1) / threads * BLOCK;
+        jobs[i].c_begin = units * i / threads * unit;
+        int64_t end = units * (i + 1) / threads * unit;
         jobs[i].c_end = end < base.C ? end : base.C;
     }
     int started = 1;
@@ -188,14 +236,17 @@ static int run(Job base, int threads, void *(*fn)(void *)) {
 }
 
 int short_conv_silu_forward(int64_t B, int64_t T, int64_t C, int64_t K, const float *x, int64_t x_stride_b,
-                            int64_t x_stride_t, const float *tail, const float *w, float *y, int threads) {
-    Job j = {B, T, C, K, x_stride_b, x_stride_t, x, tail, w, NULL, y, NULL, NULL, NULL, 0, 0, 0};
+                            int64_t x_stride_t, const float *tail, const float *w, float *y, int64_t norm_channels,
+                            int64_t group, float eps, int threads) {
+    Job j = {B, T, C, K, x_stride_b, x_stride_t, norm_channels, group, eps,
+             x, tail, w, NULL, y, NULL, NULL, NULL, 0, 0, 0};
     return run(j, threads, forward_job);
 }
 
 int short_conv_silu_backward(int64_t B, int64_t T, int64_t C, int64_t K, const float *x, int64_t x_stride_b,
                              int64_t x_stride_t, const float *tail, const float *w, const float *gy, float *gx,
-                             float *gtail, float *gw, int threads) {
-    Job j = {B, T, C, K, x_stride_b, x_stride_t, x, tail, w, gy, NULL, gx, gtail, gw, 0, 0, 0};
+                             float *gtail, float *gw, int64_t norm_channels, int64_t group, float eps, int threads) {
+    Job j = {B, T, C, K, x_stride_b, x_stride_t, norm_channels, group, eps,
+             x, tail, w, gy, NULL, gx, gtail, gw, 0, 0, 0};
     return run(j, threads, backward_job);
 }

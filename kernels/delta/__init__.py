@@ -5,20 +5,28 @@ Per batch b and head h, with a matrix state S of shape [Dv, Dk]:
     S_t = a_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T,    o_t = S_t q_t,
     a_t = exp(log_alpha_t) in (0, 1],  beta_t in [0, 1]
 
-    reference.py     float64 per-step loop, ground truth for tests
-    chunk.py         chunk-parallel PyTorch (WY / UT form, hand-written backward); the path for CPU tensors
-    triton_delta.py  chunked Triton kernels (forward and backward); the path for CUDA tensors
+    reference.py           float64 per-step loop, ground truth for tests
+    chunk.py               chunk-parallel PyTorch (WY / UT form, hand-written backward): any device and dtype
+    fused_recurrent.py     step by step in one C kernel (fused_recurrent.c): the path for fp32 CPU tensors
+    triton_delta.py        chunked Triton kernels (forward and backward); the path for CUDA tensors
 
-`kernels.delta_rule` (this module's `delta_rule`) chooses by device unless `backend=` forces a path.
+`kernels.delta_rule` (this module's `delta_rule`) chooses by device and dtype unless `backend=`
+forces a path: Triton on CUDA, the C kernel for fp32 on CPU when it could be built (a C compiler
+is needed; without one, one warning says so and the chunk path runs), the chunk path otherwise.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from kernels.delta import fused_recurrent
 from kernels.delta.chunk import delta_rule_chunk
 from kernels.delta.reference import delta_rule_reference
 
-BACKENDS = ("triton", "chunk", "reference")
+BACKENDS = ("triton", "chunk", "fused_recurrent", "reference")
+log = logging.getLogger(__name__)
+_warned = False
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -84,6 +92,21 @@ def _check_inputs(q, k, v, log_alpha, beta, initial_state, chunk_size) -> None:
         raise ValueError(f"delta_rule: inputs must be on one device, got {devices}; move them to v's device ({v.device})")
 
 
+def _cpu_backend(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None) -> str:
+    """The C kernel for fp32 CPU tensors when it builds; the chunk path otherwise (one warning if it did not build)."""
+    global _warned
+    if not fused_recurrent.supports(q, v, initial_state):
+        return "chunk"
+    built, why = fused_recurrent.available()
+    if built:
+        return "fused_recurrent"
+    if not _warned:
+        _warned = True
+        log.warning("delta_rule: the fused recurrent C kernel could not be built (%s); using the chunk path "
+                    "(kernels.delta.chunk, slower on CPU)", why)
+    return "chunk"
+
+
 def delta_rule(
     q: torch.Tensor,  # [B, H, T, Dk]
     k: torch.Tensor,  # [B, H, T, Dk], L2-normalised by the caller (see below)
@@ -93,7 +116,7 @@ def delta_rule(
     initial_state: torch.Tensor | None = None,  # [B, H, Dv, Dk]; None means zeros
     *,
     chunk_size: int = 64,
-    backend: str | None = None,  # None: "triton" for CUDA tensors, "chunk" otherwise
+    backend: str | None = None,  # None: "triton" on CUDA, "fused_recurrent" for fp32 on CPU, else "chunk"
 ) -> tuple[torch.Tensor, torch.Tensor]:  # o [B, H, T, Dv] in v's dtype; final state [B, H, Dv, Dk] fp32 (fp64 for fp64)
     """The gated delta rule, differentiable in q, k, v, log_alpha, beta and initial_state.
 
@@ -108,9 +131,17 @@ def delta_rule(
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"delta_rule: unknown backend {backend!r}; choose one of {BACKENDS} or None (by device)")
     _check_inputs(q, k, v, log_alpha, beta, initial_state, chunk_size)
-    chosen = backend or ("triton" if v.is_cuda else "chunk")
+    chosen = backend or ("triton" if v.is_cuda else _cpu_backend(q, v, initial_state))
     inputs = [t.contiguous() for t in (q, k, v, log_alpha, beta)]
     state = initial_state.contiguous() if initial_state is not None else None
+    if chosen == "fused_recurrent":
+        if not fused_recurrent.supports(q, v, initial_state):
+            raise ValueError("delta_rule: backend='fused_recurrent' takes fp32 CPU tensors (and an fp32 initial_state) "
+                             f"with Dv <= {fused_recurrent.MAX_DV}; got {v.dtype} on {v.device}. Use backend='chunk'")
+        built, why = fused_recurrent.available()
+        if not built:
+            raise RuntimeError(f"delta_rule: the fused recurrent C kernel could not be built: {why}")
+        return fused_recurrent.delta_rule_fused_recurrent(*inputs, state)
     if chosen == "chunk":
         return delta_rule_chunk(*inputs, state, chunk_size)
     if chosen == "reference":

@@ -17,6 +17,9 @@ from kernels.conv import fused_cpu, short_conv_reference, short_conv_shifted
 REPO = Path(__file__).resolve().parents[2]
 # (B, T, C, K): T shorter than the tail, C not a multiple of the kernel's 64-channel blocks, K = 1
 SHAPES = [(1, 1, 5, 4), (2, 3, 70, 4), (2, 37, 130, 4), (3, 50, 64, 1), (1, 20, 16, 3), (2, 129, 200, 5)]
+# (channels, group) normalised, per shape: none, groups smaller than, equal to and larger than a block
+NORMALIZE = {(1, 1, 5, 4): (4, 2), (2, 3, 70, 4): (64, 16), (2, 37, 130, 4): (128, 64), (3, 50, 64, 1): (0, 1),
+             (1, 20, 16, 3): (16, 16), (2, 129, 200, 5): (128, 128)}
 
 
 def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -39,28 +42,30 @@ def built():
     assert ok, f"the fused CPU kernel must build on this machine (it has a C compiler): {why}"
 
 
+@pytest.mark.parametrize("normalized", [False, True])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("with_tail", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fused_forward_and_backward_match_float64_reference(shape, with_tail, threads):
+def test_fused_forward_and_backward_match_float64_reference(shape, with_tail, threads, normalized):
     B, T, C, K = shape
-    x, weight, tail = _inputs(B, T, C, K, with_tail, seed=hash((shape, with_tail, threads)) % 2**31)
+    normalize = NORMALIZE[shape] if normalized else (0, 1)
+    x, weight, tail = _inputs(B, T, C, K, with_tail, seed=hash((shape, with_tail, threads, normalized)) % 2**31)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         weight_kc = weight.t().contiguous()
         y = torch.full((B, T, C), float("nan"))
-        fused_cpu.forward_into(x, weight_kc, tail, y)
+        fused_cpu.forward_into(x, weight_kc, tail, y, normalize)
         grad_y = torch.randn(B, T, C)
         grad_x = torch.full((B, T, C), float("nan"))
         grad_tail = torch.full((B, K - 1, C), float("nan")) if with_tail else None
         grad_w = torch.full((K, C), float("nan"))
-        fused_cpu.backward_into(x, weight_kc, tail, grad_y, grad_x, grad_tail, grad_w)
+        fused_cpu.backward_into(x, weight_kc, tail, grad_y, grad_x, grad_tail, grad_w, normalize)
     finally:
         torch.set_num_threads(saved)
 
     leaves = [t.double().requires_grad_() for t in (x, weight)] + ([tail.double().requires_grad_()] if with_tail else [])
-    expected = short_conv_reference(leaves[0], leaves[1], leaves[2] if with_tail else None)
+    expected = short_conv_reference(leaves[0], leaves[1], leaves[2] if with_tail else None, normalize)
     expected.backward(grad_y.double())
     for name, got, want in [("y", y, expected), ("grad_x", grad_x, leaves[0].grad), ("grad_weight", grad_w.t(), leaves[1].grad)] + (
         [("grad_tail", grad_tail, leaves[2].grad)] if with_tail else []
@@ -71,24 +76,40 @@ def test_fused_forward_and_backward_match_float64_reference(shape, with_tail, th
 
 def test_dispatch_autograd_and_torch_path_agree_with_reference():
     x, weight, tail = _inputs(2, 45, 96, 4, True, seed=7)
+    normalize = (64, 32)
     leaves = [t.clone().requires_grad_() for t in (x, weight, tail)]
-    y = kernels.short_conv(*leaves)
+    y = kernels.short_conv(*leaves, normalize=normalize)
     assert type(y.grad_fn).__name__ == "ShortConvSiluFunctionBackward"  # fp32 on CPU takes the C kernel
     probe = torch.randn_like(y)
     (y * probe).sum().backward()
     shifted_leaves = [t.clone().requires_grad_() for t in (x, weight, tail)]
-    y_shifted = short_conv_shifted(*shifted_leaves)
+    y_shifted = short_conv_shifted(*shifted_leaves, normalize)
     (y_shifted * probe).sum().backward()
     ref_leaves = [t.double().requires_grad_() for t in (x, weight, tail)]
-    y_ref = short_conv_reference(*ref_leaves)
+    y_ref = short_conv_reference(*ref_leaves, normalize)
     (y_ref * probe.double()).sum().backward()
     for got, shifted, ref in zip([y] + [t.grad for t in leaves], [y_shifted] + [t.grad for t in shifted_leaves],
                                  [y_ref] + [t.grad for t in ref_leaves]):
         assert _rel(got, ref) < 2e-6 and _rel(shifted, ref) < 2e-6
     # Other dtypes take the torch path; float64 stays float64 and matches the reference to rounding.
-    y64 = kernels.short_conv(x.double(), weight.double(), tail.double())
+    y64 = kernels.short_conv(x.double(), weight.double(), tail.double(), normalize=normalize)
     assert y64.dtype == torch.float64 and _rel(y64, y_ref) < 1e-12
     assert kernels.short_conv(x.bfloat16(), weight.bfloat16(), None).dtype == torch.bfloat16
+
+
+def test_normalisation_of_a_zero_group_follows_f_normalize():
+    """A group whose silu output is all zeros: F.normalize divides by eps (output 0, gradient gout / eps)."""
+    x = torch.zeros(1, 6, 8)
+    x[0, :, 4:] = torch.randn(6, 4)
+    weight = torch.randn(8, 2)
+    leaf, ref_leaf = x.clone().requires_grad_(), x.double().requires_grad_()
+    y = kernels.short_conv(leaf, weight, normalize=(8, 4))
+    y_ref = short_conv_reference(ref_leaf, weight.double(), None, (8, 4))
+    probe = torch.randn_like(y)
+    (y * probe).sum().backward()
+    (y_ref * probe.double()).sum().backward()
+    assert torch.equal(y[..., :4], torch.zeros(1, 6, 4)) and _rel(y, y_ref) < 2e-6
+    assert _rel(leaf.grad, ref_leaf.grad) < 2e-6
 
 
 def test_nan_propagates_and_large_inputs_saturate():
@@ -118,6 +139,8 @@ def test_bad_inputs_are_named():
         kernels.short_conv(x, torch.randn(8, 4), backend="cuda")
     with pytest.raises(ValueError, match="backend='fused_cpu' takes fp32 CPU tensors"):
         kernels.short_conv(x.double(), torch.randn(8, 4).double(), backend="fused_cpu")
+    with pytest.raises(ValueError, match=r"normalize must be \(channels, group\)"):
+        kernels.short_conv(x, torch.randn(8, 4), normalize=(6, 4))
     with pytest.raises(ValueError, match=r"x must have shape \[B, T >= 1, C\]"):
         kernels.short_conv(torch.randn(2, 0, 8), torch.randn(8, 4))
 

@@ -28,25 +28,42 @@ def _inputs(B=2, H=3, T=5, Dk=4, Dv=6, dtype=torch.float32, device="cpu"):
 
 
 def test_backends():
-    assert BACKENDS == ("triton", "chunk", "reference")
+    assert BACKENDS == ("triton", "chunk", "fused_recurrent", "reference")
 
 
-def test_cpu_tensors_take_the_chunk_path():
+def test_cpu_tensors_take_the_c_kernel_in_fp32_and_the_chunk_path_otherwise():
     q, k, v, log_alpha, beta, state = _inputs()
+    o, final = kernels.delta_rule(q.requires_grad_(True), k, v, log_alpha, beta, state)
+    assert type(o.grad_fn).__name__ == "DeltaRuleFusedRecurrentFunctionBackward"
+    q, k, v, log_alpha, beta, state = _inputs(dtype=torch.float64)
     o, final = kernels.delta_rule(q.requires_grad_(True), k, v, log_alpha, beta, state)
     assert type(o.grad_fn).__name__ == "DeltaRuleChunkFunctionBackward"
     expected, expected_final = delta_rule_chunk(q, k, v, log_alpha, beta, state, 64)
     assert torch.equal(o, expected) and torch.equal(final, expected_final)
 
 
+def test_without_a_compiler_fp32_takes_the_chunk_path_with_one_warning(tmp_path):
+    code = (
+        "import logging, torch, kernels\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "q, k, v = (torch.randn(1, 2, 9, 4) for _ in range(3))\n"
+        "for _ in range(3): o, _ = kernels.delta_rule(q.requires_grad_(), k, v, -torch.rand(1, 2, 9), torch.rand(1, 2, 9))\n"
+        "assert type(o.grad_fn).__name__ == 'DeltaRuleChunkFunctionBackward'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "CC": "/nonexistent/cc", "MMREC_CACHE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("fused recurrent C kernel could not be built") == 1 and "/nonexistent/cc" in done.stderr
+
+
 def test_chunk_size_reaches_the_chunk_path():
-    inputs = _inputs(T=40)
+    inputs = _inputs(T=40, dtype=torch.float64)
     o, final = kernels.delta_rule(*inputs, chunk_size=7)
     expected, expected_final = delta_rule_chunk(*inputs, 7)
     assert torch.equal(o, expected) and torch.equal(final, expected_final)
 
 
-@pytest.mark.parametrize("backend", ["chunk", "reference"])
+@pytest.mark.parametrize("backend", ["chunk", "fused_recurrent", "reference"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
 def test_forced_backends_agree(backend, with_state, make_delta_case, check_delta_against_reference):
     case = make_delta_case(2, 2, 37, 8, 12, mode="mixed", with_state=with_state)

@@ -34,6 +34,8 @@ def test_flops_per_token_matches_counted_matmul_flops():
 
     The counter sees every matmul, SDPA and einsum (the delta rule's chunked forward and hand-written
     backward included); the formula leaves out the small elementwise work, so they agree to within 10 %.
+    The models run in float64 so that the delta rule takes the chunk path, whose matmuls the counter
+    sees (the fp32 CPU C kernel, kernels/delta/fused_recurrent.c, is opaque to it).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -42,7 +44,7 @@ def test_flops_per_token_matches_counted_matmul_flops():
     config = get_config("tiny", vocab_size=512)
     T = 256
     ids = torch.randint(0, config.vocab_size, (1, T))
-    for model, kwargs in ((build_base(config), {}), (build_model(config), {"expert": None})):
+    for model, kwargs in ((build_base(config).double(), {}), (build_model(config).double(), {"expert": None})):
         with FlopCounterMode(display=False) as counter:
             logits, _ = model(ids, **kwargs)
             logits.sum().backward()
