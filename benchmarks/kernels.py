@@ -5,7 +5,8 @@ Prints one table per op and device. Every row times ours against a baseline in t
 
     scan   cpu   chunked PyTorch scan          vs  a Python loop over x.unbind(1) with autograd
     scan   cuda  Triton kernels                vs  the chunked PyTorch scan run on the GPU, and the loop
-    delta  cpu   chunk-parallel delta rule     vs  the naive per-step loop with autograd (one repeat)
+    delta  cpu   fused recurrent C kernel      vs  the chunk-parallel PyTorch path (chunk 32, the model's old
+                                                   CPU path), and the naive per-step loop with autograd (one repeat)
     delta  cuda  Triton kernels                vs  the chunk-parallel PyTorch path on the GPU, and the loop
 
 Delta shapes are BxHxTxD with Dk = Dv = D; keys L2-normalised, log_alpha in [-0.1, 0], beta in
@@ -244,15 +245,19 @@ def _run_delta(args) -> None:
     from kernels.delta.chunk import delta_rule_chunk
 
     if args.device in ("cpu", "all"):
+        from kernels.delta.fused_recurrent import delta_rule_fused_recurrent
+
         shapes = args.delta_shapes or _parse_delta_shapes(DELTA_DEFAULT_SHAPES["cpu"])
         print(f"\ndelta rule, cpu: {torch.get_num_threads()} torch threads")
+        baselines = [("chunk torch (C 32)", lambda *x: delta_rule_chunk(*x, None, 32), args.repeats)]
+        if not args.skip_loop:
+            baselines.append(("per-step loop", loop_delta, 1))
         rows = _bench_delta(
             torch.device("cpu"), shapes, args.dtype or "fp32", ["fwd", "fwd+bwd"],
-            ("chunk", delta_rule_chunk), [("per-step loop", loop_delta, 1)], args.repeats,
+            ("fused recurrent C", lambda *x: delta_rule_fused_recurrent(*x, None)), baselines, args.repeats,
         )
-        _print_table(
-            "CPU: chunk-parallel delta rule vs the naive per-step loop (speedup = baseline / ours)", rows, DELTA_COLUMNS
-        )
+        _print_table("CPU: the C kernel vs the chunk path and the per-step loop (speedup = baseline / ours)", rows,
+                     DELTA_COLUMNS)
     if args.device in ("cuda", "all"):
         if not torch.cuda.is_available():
             if args.device == "cuda":
@@ -310,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all", help="which tables to print")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
-    parser.add_argument("--skip-loop", action="store_true", help="on CUDA, leave out the (slow) per-step loop")
+    parser.add_argument("--skip-loop", action="store_true", help="leave out the (slow) per-step loop baselines of the delta rule and of the CUDA scan")
     parser.add_argument("--op", choices=["scan", "delta", "all"], default="all", help="which op to benchmark")
     parser.add_argument(
         "--delta-shapes", type=_parse_delta_shapes,

@@ -3,6 +3,9 @@
 set -euo pipefail
 need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+# A C compiler: kernels.c_build compiles the CPU kernels (kernels/*/*.c) on first use (without
+# one they fall back to torch ops, slower, with a warning).
+{ command -v cc || command -v gcc || command -v g++; } >/dev/null 2>&1 || need+=(gcc)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "missing system packages: ${need[*]} (run as root or install them: apt-get install ${need[*]})" >&2

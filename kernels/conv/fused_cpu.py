@@ -112,4 +112,7 @@ def short_conv_fused_cpu(x: torch.Tensor, weight: torch.Tensor, tail: torch.Tens
                          normalize: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """silu(causal depthwise conv) of x [B, T, C] with weight [C, K] after tail [B, K-1, C] (None: zeros),
     its first normalize[0] channels L2-normalised in groups of normalize[1]."""
+    if not supports(x, weight, tail):
+        raise ValueError("short_conv_fused_cpu takes fp32 CPU tensors with unit channel stride and "
+                         f"K <= {MAX_TAPS}; got x {x.dtype} on {x.device} with strides {x.stride()}, K {weight.shape[1]}")
     return ShortConvSiluFunction.apply(x, weight, tail, normalize)

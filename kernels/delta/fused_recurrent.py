@@ -116,4 +116,8 @@ class DeltaRuleFusedRecurrentFunction(torch.autograd.Function):
 
 def delta_rule_fused_recurrent(q, k, v, log_alpha, beta, initial_state):
     """o [B, H, T, Dv] fp32 and the final state [B, H, Dv, Dk] fp32 (see kernels.delta.delta_rule)."""
+    tensors = [q, k, v, log_alpha, beta] + ([initial_state] if initial_state is not None else [])
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) or v.shape[-1] > MAX_DV:
+        raise ValueError("delta_rule_fused_recurrent takes fp32 CPU tensors with Dv <= "
+                         f"{MAX_DV}; got {[(t.dtype, t.device.type) for t in tensors]}, Dv {v.shape[-1]}")
     return DeltaRuleFusedRecurrentFunction.apply(q, k, v, log_alpha, beta, initial_state)

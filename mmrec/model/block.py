@@ -2,7 +2,7 @@
 
     u = RMSNorm(x);   q, k, v, g, f, b = split(W_in u)            (one fused projection D -> 4D + 2H)
     q, k, v = silu(causal depthwise conv_K(q, k, v))              (short conv, K = conv_size taps)
-    q, k = q / |q|, k / |k|                                       (per head, L2)
+    q, k = q / |q|, k / |k|                                       (per head, L2; fused into the conv when it runs)
     a_t = lo + (1 - lo) sigmoid(f_t)                              (MDI decay gate, per head, in (lo, 1); log space)
     b_t = sigmoid(b_t)                                            (MDI write strength, per head)
     S_t = a_t S_{t-1} (I - b_t k_t k_t^T) + b_t v_t k_t^T,  o_t = S_t q_t      (kernels.delta_rule, fp32 state)
@@ -47,12 +47,14 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, taps))
         nn.init.uniform_(self.weight, -1.0 / math.sqrt(taps), 1.0 / math.sqrt(taps))  # nn.Conv1d's default
 
-    def forward(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        # x [B, T, C]; tail [B, K-1, C] (the inputs before x) or None -> y [B, T, C], new tail [B, K-1, C]
+    def forward(self, x: torch.Tensor, tail: torch.Tensor | None,
+                normalize: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+        # x [B, T, C]; tail [B, K-1, C] (the inputs before x) or None -> y [B, T, C], new tail [B, K-1, C].
+        # normalize = (channels, group): the first channels of y L2-normalised per group (q and k per head).
         B, T, C = x.shape
         if tail is not None:
             tail = tail.to(x.dtype)
-        y = kernels.short_conv(x, self.weight.to(x.dtype), tail)
+        y = kernels.short_conv(x, self.weight.to(x.dtype), tail, normalize=normalize)
         keep = self.taps - 1  # the last K-1 inputs, the next chunk's tail
         if T >= keep:
             new_tail = x[:, T - keep :]
@@ -93,8 +95,9 @@ class MMRecBlock(nn.Module):
         else:
             mixed_in, g, rest = projected.split([D, D, 2 * D], dim=-1)
         conv_tail = None
-        if self.conv is not None:
-            mixed_in, conv_tail = self.conv(mixed_in, None if state is None else state.conv)  # silu included
+        if self.conv is not None:  # silu included, and q, k normalised per head (in the same pass on CPU)
+            normalize = (2 * D, self.head_dim) if self.memory else (0, 1)
+            mixed_in, conv_tail = self.conv(mixed_in, None if state is None else state.conv, normalize)
         acc = accumulation_dtype(mixed_in)
         memory = h_last = None
         if self.memory:
@@ -119,7 +122,8 @@ class MMRecBlock(nn.Module):
         B, T, _ = qkv.shape
         H, dh = self.n_heads, self.head_dim
         q, k, v = qkv.view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)  # each [B, H, T, dh]
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.conv is None:  # else the convolution normalised them
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         f, b = gates.view(B, T, 2, H).permute(2, 0, 3, 1)  # each [B, H, T]
         log_alpha, _ = decay_gate(f, self.decay_lo)
         # The inputs are already fp32 (fp64 for a float64 model); autocast would run the op's matmuls in bf16.
