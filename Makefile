@@ -37,6 +37,7 @@ test-slow: $(STAMP)
 # machine they came from go to docs/benchmarks.md.
 bench: $(STAMP)
 	$(PY) -m benchmarks.kernels --threads 1
+	$(PY) -m benchmarks.short_conv --threads 1
 	$(PY) -m benchmarks.model
 	$(PY) -m benchmarks.train
 	$(PY) -m benchmarks.prep

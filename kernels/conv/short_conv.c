@@ -213,6 +213,7 @@ static int run(Job base, int threads, void *(*fn)(void *)) {
     /* ranges are whole blocks and, where groups are normalised, whole groups */
     int64_t unit = base.norm_channels > 0 ? BLOCK / gcd(BLOCK, base.group) * base.group : BLOCK;
     int64_t units = (base.C + unit - 1) / unit;
+    if (units == 0 || base.B == 0 || base.T == 0) return 0;
     if (threads < 1) threads = 1;
     if (threads > units) threads = (int)units;
     Job jobs[64];

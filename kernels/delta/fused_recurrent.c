@@ -195,6 +195,7 @@ static void *run_job(void *arg) {
 }
 
 static int run(Head *heads, int64_t n, int threads, int backward) {
+    if (n == 0) return 0;
     if (threads < 1) threads = 1;
     if (threads > n) threads = (int)n;
     if (threads > 64) threads = 64;

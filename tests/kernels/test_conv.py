@@ -176,3 +176,10 @@ def test_processes_building_at_once_share_one_library(tmp_path):
     assert all(p.returncode == 0 for p in procs) and all("built" in out for out in outputs)
     files = sorted(f.name for f in (tmp_path / "kernels").iterdir())
     assert len(files) == 1 and files[0].startswith("short_conv-") and files[0].endswith(".so"), files  # no temp left
+
+
+def test_empty_batch():
+    leaf = torch.randn(0, 5, 8, requires_grad=True)
+    y = kernels.short_conv(leaf, torch.randn(8, 4), backend="fused_cpu")
+    y.sum().backward()
+    assert y.shape == (0, 5, 8) and leaf.grad.shape == (0, 5, 8)

@@ -83,3 +83,11 @@ def test_nan_input_reaches_the_output():
     v[0, 0, 3, 2] = float("nan")
     o, _ = kernels.delta_rule(q, torch.nn.functional.normalize(k, dim=-1), v, -torch.rand(1, 1, 10), torch.rand(1, 1, 10))
     assert not o[0, 0, :3].isnan().any() and o[0, 0, 3:].isnan().any()
+
+
+def test_empty_batch():
+    q, k, v = (torch.randn(0, 2, 5, 8) for _ in range(3))
+    leaf = q.clone().requires_grad_(True)
+    o, final = kernels.delta_rule(leaf, k, v, torch.zeros(0, 2, 5), torch.zeros(0, 2, 5), backend="fused_recurrent")
+    (o.sum() + final.sum()).backward()
+    assert o.shape == (0, 2, 5, 8) and final.shape == (0, 2, 8, 8) and leaf.grad.shape == q.shape
