@@ -1,6 +1,7 @@
 """Build and load the project's C kernels (kernels/*/*.c) on first use: no torch headers, no ninja.
 
-A source is compiled with the system's C compiler ($CC, else cc, gcc or g++, always as C) into
+A kernel is declared once as a `CKernel` (its source, extra flags and the C signatures of its entry
+points); `kernel.library()` builds and loads it on first call. A source is compiled with the system's C compiler ($CC, else cc, gcc or g++, always as C) into
 $MMREC_CACHE_DIR/kernels (default ~/.cache/mmrec/kernels) under a name keyed by the source, the
 flags and the CPU's feature flags (-march=native code built on one CPU model may not run on
 another, e.g. a shared home directory across a heterogeneous cluster), and loaded with ctypes;
@@ -59,7 +60,8 @@ def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Compile `source` (if not already in the cache) and load it. Raises BuildError saying why not."""
     compiler = _compiler()
     flags = BASE_FLAGS + extra_flags
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(Path(__file__).parent.glob("*.h")))  # what the sources include
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -84,10 +86,28 @@ def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
         raise BuildError(f"could not load {target}: {error}; delete it to rebuild") from error
 
 
-@functools.cache
-def load(source: Path, extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
-    """(library, "") once built, or (None, why not); tried once per process."""
-    try:
-        return build(source, extra_flags), ""
-    except BuildError as error:
-        return None, str(error)
+class CKernel:
+    """One C source: `library()` is (the loaded ctypes library with its entry points typed, "") once
+    built, or (None, why not); the build is tried once per process."""
+
+    def __init__(self, source: Path, signatures: dict[str, tuple[list, type]], extra_flags: tuple[str, ...] = ()):
+        self.source, self.signatures, self.extra_flags = source, signatures, extra_flags
+
+    @functools.cached_property
+    def _loaded(self) -> tuple[ctypes.CDLL | None, str]:
+        try:
+            lib = build(self.source, self.extra_flags)
+        except BuildError as error:
+            return None, str(error)
+        for name, (argtypes, restype) in self.signatures.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, restype
+        return lib, ""
+
+    def library(self) -> tuple[ctypes.CDLL | None, str]:
+        return self._loaded
+
+    def available(self) -> tuple[bool, str]:
+        """(True, "") when the kernel is built and loaded, else (False, why not)."""
+        lib, why = self._loaded
+        return lib is not None, why

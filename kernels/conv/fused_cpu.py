@@ -19,22 +19,13 @@ MAX_TAPS = 16  # as in short_conv.c
 NORM_EPS = 1e-12  # F.normalize's
 
 
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    lib, why = c_build.load(SOURCE)
-    if lib is not None and not getattr(lib, "_typed", False):
-        i64, ptr, f32, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-        lib.short_conv_silu_forward.argtypes = [i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, f32, cint]
-        lib.short_conv_silu_backward.argtypes = [i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr,
-                                                 i64, i64, f32, cint]
-        lib.short_conv_silu_forward.restype = lib.short_conv_silu_backward.restype = cint
-        lib._typed = True
-    return lib, why
-
-
-def available() -> tuple[bool, str]:
-    """(True, "") when the kernel is built and loaded, else (False, why not)."""
-    lib, why = _library()
-    return lib is not None, why
+_i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+KERNEL = c_build.CKernel(SOURCE, {
+    "short_conv_silu_forward": ([_i64] * 4 + [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _f32, _int], _int),
+    "short_conv_silu_backward": ([_i64] * 4 + [_ptr, _i64, _i64] + [_ptr] * 6 + [_i64, _i64, _f32, _int], _int),
+})
+_library = KERNEL.library
+available = KERNEL.available
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None) -> bool:

@@ -24,10 +24,11 @@
    Layout: x rows may have any stride (a split view of the input projection); w is [K, C]
    (transposed by the caller); out, gout, gx are contiguous [B, T, C]; tail and gtail [B, K-1, C]. */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "../parallel.h"
 
 #define MAX_TAPS 16
 #define BLOCK 64 /* channels per inner block: a multiple of every SIMD width */
@@ -202,7 +203,7 @@ static void *backward_job(void *arg) {
 
 /* Split channels into `threads` ranges of whole blocks and run `fn` on each (the caller's thread
    takes the first). Returns 0; -1 if K is out of range, -3 if the normalised channels are not whole groups,
-   -2 if a job could not allocate its buffers. A thread that cannot be started runs on the caller's. */
+   -2 if a job could not allocate its buffers. */
 static int64_t gcd(int64_t a, int64_t b) { return b ? gcd(b, a % b) : a; }
 
 static int run(Job base, int threads, void *(*fn)(void *)) {
@@ -216,21 +217,15 @@ static int run(Job base, int threads, void *(*fn)(void *)) {
     if (units == 0 || base.B == 0 || base.T == 0) return 0;
     if (threads < 1) threads = 1;
     if (threads > units) threads = (int)units;
-    Job jobs[64];
-    pthread_t ids[64];
-    if (threads > 64) threads = 64;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    Job jobs[MAX_THREADS];
     for (int i = 0; i < threads; i++) {
         jobs[i] = base;
         jobs[i].c_begin = units * i / threads * unit;
         int64_t end = units * (i + 1) / threads * unit;
         jobs[i].c_end = end < base.C ? end : base.C;
     }
-    int started = 1;
-    for (int i = 1; i < threads; i++, started++)
-        if (pthread_create(&ids[i], NULL, fn, &jobs[i]) != 0) break;
-    fn(&jobs[0]);
-    for (int i = 1; i < started; i++) pthread_join(ids[i], NULL);
-    for (int i = started; i < threads; i++) fn(&jobs[i]); /* could not start: run here */
+    run_jobs(jobs, sizeof(Job), threads, fn);
     for (int i = 0; i < threads; i++)
         if (jobs[i].failed) return -2;
     return 0;

@@ -28,10 +28,11 @@
    the backward recomputes each segment's states and sk from its checkpoint into a per-thread
    buffer, then walks it backwards. Heads run on POSIX threads (one (b, h) per job). */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "../parallel.h"
 
 #define CHECKPOINT 64
 
@@ -198,16 +199,10 @@ static int run(Head *heads, int64_t n, int threads, int backward) {
     if (n == 0) return 0;
     if (threads < 1) threads = 1;
     if (threads > n) threads = (int)n;
-    if (threads > 64) threads = 64;
-    Job jobs[64];
-    pthread_t ids[64];
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    Job jobs[MAX_THREADS];
     for (int i = 0; i < threads; i++) jobs[i] = (Job){heads, n * i / threads, n * (i + 1) / threads, backward, 0};
-    int started = 1;
-    for (int i = 1; i < threads; i++, started++)
-        if (pthread_create(&ids[i], NULL, run_job, &jobs[i]) != 0) break;
-    run_job(&jobs[0]);
-    for (int i = 1; i < started; i++) pthread_join(ids[i], NULL);
-    for (int i = started; i < threads; i++) run_job(&jobs[i]); /* could not start: run here */
+    run_jobs(jobs, sizeof(Job), threads, run_job);
     for (int i = 0; i < threads; i++)
         if (jobs[i].status) return jobs[i].status;
     return 0;

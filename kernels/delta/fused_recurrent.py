@@ -25,21 +25,13 @@ CHECKPOINT = 64  # as in fused_recurrent.c
 MAX_DV = 4096  # as in fused_recurrent.c
 
 
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    lib, why = c_build.load(SOURCE, FLAGS)
-    if lib is not None and not getattr(lib, "_typed", False):
-        i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.delta_rule_forward.argtypes = [i64, i64, i64, i64] + [ptr] * 9 + [cint]
-        lib.delta_rule_backward.argtypes = [i64, i64, i64, i64] + [ptr] * 14 + [cint]
-        lib.delta_rule_forward.restype = lib.delta_rule_backward.restype = cint
-        lib._typed = True
-    return lib, why
-
-
-def available() -> tuple[bool, str]:
-    """(True, "") when the kernel is built and loaded, else (False, why not)."""
-    lib, why = _library()
-    return lib is not None, why
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+KERNEL = c_build.CKernel(SOURCE, {
+    "delta_rule_forward": ([_i64] * 4 + [_ptr] * 9 + [_int], _int),
+    "delta_rule_backward": ([_i64] * 4 + [_ptr] * 14 + [_int], _int),
+}, FLAGS)
+_library = KERNEL.library
+available = KERNEL.available
 
 
 def supports(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None) -> bool:
