@@ -95,13 +95,16 @@ class MMRecBlock(nn.Module):
         else:
             mixed_in, g, rest = projected.split([D, D, 2 * D], dim=-1)
         conv_tail = None
-        if self.conv is not None:  # silu included, and q, k normalised per head (in the same pass on CPU)
-            normalize = (2 * D, self.head_dim) if self.memory else (0, 1)
-            mixed_in, conv_tail = self.conv(mixed_in, None if state is None else state.conv, normalize)
         acc = accumulation_dtype(mixed_in)
+        # q and k are L2-normalised per head in the convolution's pass when it runs in the accumulation
+        # dtype (one C kernel for fp32 on CPU); bf16/fp16 inputs are normalised after the cast to fp32.
+        normalized = self.conv is not None and self.memory and mixed_in.dtype == acc
+        if self.conv is not None:  # silu included
+            normalize = (2 * D, self.head_dim) if normalized else (0, 1)
+            mixed_in, conv_tail = self.conv(mixed_in, None if state is None else state.conv, normalize)
         memory = h_last = None
         if self.memory:
-            mixed, memory = self._read_memory(mixed_in.to(acc), rest[..., : 2 * self.n_heads].to(acc), state)
+            mixed, memory = self._read_memory(mixed_in.to(acc), rest[..., : 2 * self.n_heads].to(acc), state, normalized)
             channel_in = rest[..., 2 * self.n_heads :]
         else:
             channel_in = torch.cat([mixed_in, rest], dim=-1)  # z (after the convolution), f_c, i_c
@@ -117,12 +120,13 @@ class MMRecBlock(nn.Module):
         position = 0 if state is None else state.position
         return x, BlockState(memory=memory, conv=conv_tail, h=h_last, position=position + T)
 
-    def _read_memory(self, qkv: torch.Tensor, gates: torch.Tensor, state: BlockState | None):
-        """qkv [B, T, 3D], gates [B, T, 2H] (accumulation dtype) -> per-head-normed read [B, T, D], S_T."""
+    def _read_memory(self, qkv: torch.Tensor, gates: torch.Tensor, state: BlockState | None, normalized: bool):
+        """qkv [B, T, 3D] (q, k already L2-normalised per head if `normalized`), gates [B, T, 2H]
+        (accumulation dtype) -> per-head-normed read [B, T, D], S_T."""
         B, T, _ = qkv.shape
         H, dh = self.n_heads, self.head_dim
         q, k, v = qkv.view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)  # each [B, H, T, dh]
-        if self.conv is None:  # else the convolution normalised them
+        if not normalized:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         f, b = gates.view(B, T, 2, H).permute(2, 0, 3, 1)  # each [B, H, T]
         log_alpha, _ = decay_gate(f, self.decay_lo)

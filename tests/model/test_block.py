@@ -1,4 +1,5 @@
 """The vectorised block (short convolution, chunked delta rule) against the naive float64 token loop."""
+import copy
 import math
 
 import pytest
@@ -73,3 +74,19 @@ def test_recall_through_the_memory_is_by_content(micro_config):
     beta = torch.tensor([[[1.0] * 6 + [0.0]]], dtype=torch.float64)
     o, _ = kernels.delta_rule(q, k, v, torch.zeros_like(beta), beta, chunk_size=4)
     torch.testing.assert_close(o[0, 0, -1], values[0, 0, 2])
+
+
+def test_fp32_block_on_the_c_kernels_matches_its_float64_copy_and_bf16_stays_close(micro_config):
+    """fp32 on CPU runs the C kernels (short conv with q, k normalised in its pass; the recurrent delta
+    rule); float64 runs the torch paths; bf16 autocast normalises q, k after the cast to fp32."""
+    torch.manual_seed(0)
+    block = MMRecBlock(micro_config, decay_lo=0.3)
+    x = torch.randn(2, 45, micro_config.d_model)
+    out, state = block(x)
+    out64, state64 = copy.deepcopy(block).double()(x.double())
+    update, update64 = out.double() - x.double(), out64 - x.double()  # the block's own contribution, not the residual
+    assert ((update - update64).norm() / update64.norm()).item() < 1e-5
+    assert ((state.memory.double() - state64.memory).norm() / state64.memory.norm()).item() < 1e-5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_bf16, _ = block(x)
+    assert ((out_bf16.double() - x.double() - update64).norm() / update64.norm()).item() < 5e-2
