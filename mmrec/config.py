@@ -23,8 +23,9 @@ class ModelConfig:
     conv_size: int = 4  # taps of the short causal depthwise convolution on q, k, v (0: none)
     memory: bool = True  # the associative memory; False is the ablation (the first design's channel recurrence instead)
     channel_recurrence: bool = False  # EXPERIMENT: also run the per-channel gated scan of the first design
-    # Time steps per chunk of the chunk-parallel delta rule: a speed knob, results are equal for any value.
-    # 0 = by device: 32 on CPU (fastest for D/H = 64 on the project's CPU, docs/benchmarks.md), 64 on GPUs.
+    # Time steps per chunk of the chunk-parallel delta rule (Triton on GPU; the torch path on CPU for
+    # non-fp32 dtypes, fp32 on CPU runs the step-by-step C kernel, which has no chunks): a speed knob,
+    # results are equal for any value. 0 = by device: 32 on CPU, 64 on GPUs.
     chunk_size: int = 0
     seq_len: int = 2048  # training sequence length (the model itself runs any length)
     # Per-layer lower bound `lo` of the decay gate. (1 - lo) is spaced geometrically from the first to the

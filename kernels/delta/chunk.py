@@ -1,4 +1,5 @@
-"""Chunk-parallel gated delta rule in PyTorch: the CPU path (pure torch, so it also runs on GPU).
+"""Chunk-parallel gated delta rule in PyTorch: the CPU path for fp64/bf16/fp16 (and for fp32 without a C compiler;
+fp32 takes fused_recurrent.c), pure torch, so it also runs on GPU.
 
 Per (batch, head), with the state kept transposed inside this module, H = S^T of shape [Dk, Dv]:
 
