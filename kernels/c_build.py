@@ -92,6 +92,7 @@ class CKernel:
 
     def __init__(self, source: Path, signatures: dict[str, tuple[list, type]], extra_flags: tuple[str, ...] = ()):
         self.source, self.signatures, self.extra_flags = source, signatures, extra_flags
+        self._warned = False
 
     @functools.cached_property
     def _loaded(self) -> tuple[ctypes.CDLL | None, str]:
@@ -111,3 +112,23 @@ class CKernel:
         """(True, "") when the kernel is built and loaded, else (False, why not)."""
         lib, why = self._loaded
         return lib is not None, why
+
+    def choose(self, fits: bool, *, forced: bool, caller: str, fallback: str) -> bool:
+        """Whether `caller` should run this kernel on inputs that do (`fits`) or do not fit it.
+
+        Inputs that fit run here once the kernel is built. If it cannot be built, a forced choice
+        raises saying why; otherwise `fallback` runs, with one warning per process (not one per
+        call: the model calls its kernels every layer of every step). Whether forced inputs that
+        do not fit are an error is the caller's to say, with its own message."""
+        if not fits:
+            return False
+        lib, why = self._loaded
+        if lib is not None:
+            return True
+        if forced:
+            raise RuntimeError(f"{caller}: the C kernel {self.source.name} could not be built: {why}")
+        if not self._warned:
+            self._warned = True
+            log.warning("%s: the C kernel %s could not be built (%s); using %s, slower on CPU",
+                        caller, self.source.name, why, fallback)
+        return False

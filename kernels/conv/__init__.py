@@ -15,8 +15,6 @@ otherwise, unless `backend=` forces one.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from kernels.conv import fused_cpu
@@ -24,8 +22,6 @@ from kernels.conv.reference import short_conv_reference
 from kernels.conv.shifted import short_conv_shifted
 
 BACKENDS = ("fused_cpu", "shifted", "reference")
-log = logging.getLogger(__name__)
-_warned = False
 
 
 def _check_inputs(x, weight, tail, normalize) -> None:
@@ -62,7 +58,6 @@ def short_conv(
     backend: str | None = None,  # None: "fused_cpu" for fp32 CPU tensors when built, else "shifted"
 ) -> torch.Tensor:  # y [B, T, C] in x's dtype (float64 for "reference")
     """silu(causal depthwise conv_K(x)), groups normalised as asked, differentiable in x, weight and tail."""
-    global _warned
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"short_conv: unknown backend {backend!r}; choose one of {BACKENDS} or None (automatic)")
     _check_inputs(x, weight, tail, normalize)
@@ -75,16 +70,9 @@ def short_conv(
         raise ValueError("short_conv: backend='fused_cpu' takes fp32 CPU tensors with contiguous channels and "
                          f"K <= {fused_cpu.MAX_TAPS}; got x {x.dtype} on {x.device}, stride {x.stride()}, "
                          f"K {weight.shape[1]}. Use backend='shifted' (or None)")
-    if fits:
-        built, why = fused_cpu.available()
-        if built:
-            return fused_cpu.short_conv_fused_cpu(x, weight, tail, normalize)
-        if backend == "fused_cpu":
-            raise RuntimeError(f"short_conv: the fused CPU kernel could not be built: {why}")
-        if not _warned:
-            _warned = True
-            log.warning("short_conv: the fused CPU kernel could not be built (%s); using the torch path "
-                        "(kernels.conv.shifted, slower on CPU)", why)
+    if fused_cpu.KERNEL.choose(fits, forced=backend == "fused_cpu", caller="short_conv",
+                               fallback="the torch path (kernels.conv.shifted)"):
+        return fused_cpu.short_conv_fused_cpu(x, weight, tail, normalize)
     return short_conv_shifted(x, weight, tail, normalize)
 
 

@@ -16,8 +16,6 @@ is needed; without one, one warning says so and the chunk path runs), the chunk 
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from kernels.delta import fused_recurrent
@@ -25,8 +23,6 @@ from kernels.delta.chunk import delta_rule_chunk
 from kernels.delta.reference import delta_rule_reference
 
 BACKENDS = ("triton", "chunk", "fused_recurrent", "reference")
-log = logging.getLogger(__name__)
-_warned = False
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -92,19 +88,20 @@ def _check_inputs(q, k, v, log_alpha, beta, initial_state, chunk_size) -> None:
         raise ValueError(f"delta_rule: inputs must be on one device, got {devices}; move them to v's device ({v.device})")
 
 
-def _cpu_backend(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None) -> str:
-    """The C kernel for fp32 CPU tensors when it builds; the chunk path otherwise (one warning if it did not build)."""
-    global _warned
-    if not fused_recurrent.supports(q, v, initial_state):
-        return "chunk"
-    built, why = fused_recurrent.available()
-    if built:
-        return "fused_recurrent"
-    if not _warned:
-        _warned = True
-        log.warning("delta_rule: the fused recurrent C kernel could not be built (%s); using the chunk path "
-                    "(kernels.delta.chunk, slower on CPU)", why)
-    return "chunk"
+def _choose(backend: str | None, q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None) -> str:
+    """The forced backend, or by device: Triton on CUDA, the C kernel for fp32 CPU tensors when it
+    builds (one warning if it does not), the chunk path otherwise."""
+    if backend not in (None, "fused_recurrent"):
+        return backend
+    if backend is None and v.is_cuda:
+        return "triton"
+    fits = fused_recurrent.supports(q, v, initial_state)
+    if backend == "fused_recurrent" and not fits:
+        raise ValueError("delta_rule: backend='fused_recurrent' takes fp32 CPU tensors (and an fp32 initial_state) "
+                         f"with Dv <= {fused_recurrent.MAX_DV}; got {v.dtype} on {v.device}. Use backend='chunk'")
+    chosen = fused_recurrent.KERNEL.choose(fits, forced=backend is not None, caller="delta_rule",
+                                           fallback="the chunk path (kernels.delta.chunk)")
+    return "fused_recurrent" if chosen else "chunk"
 
 
 def delta_rule(
@@ -131,16 +128,10 @@ def delta_rule(
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"delta_rule: unknown backend {backend!r}; choose one of {BACKENDS} or None (by device)")
     _check_inputs(q, k, v, log_alpha, beta, initial_state, chunk_size)
-    chosen = backend or ("triton" if v.is_cuda else _cpu_backend(q, v, initial_state))
+    chosen = _choose(backend, q, v, initial_state)
     inputs = [t.contiguous() for t in (q, k, v, log_alpha, beta)]
     state = initial_state.contiguous() if initial_state is not None else None
     if chosen == "fused_recurrent":
-        if not fused_recurrent.supports(q, v, initial_state):
-            raise ValueError("delta_rule: backend='fused_recurrent' takes fp32 CPU tensors (and an fp32 initial_state) "
-                             f"with Dv <= {fused_recurrent.MAX_DV}; got {v.dtype} on {v.device}. Use backend='chunk'")
-        built, why = fused_recurrent.available()
-        if not built:
-            raise RuntimeError(f"delta_rule: the fused recurrent C kernel could not be built: {why}")
         return fused_recurrent.delta_rule_fused_recurrent(*inputs, state)
     if chosen == "chunk":
         return delta_rule_chunk(*inputs, state, chunk_size)

@@ -60,7 +60,7 @@ class ShortConv(nn.Module):
             new_tail = x[:, T - keep :]
         else:
             before = tail if tail is not None else x.new_zeros(B, keep, C)
-            new_tail = torch.cat([before, x], dim=1)[:, -keep:] if keep else x[:, :0]
+            new_tail = torch.cat([before, x], dim=1)[:, -keep:]
         return y, new_tail
 
 

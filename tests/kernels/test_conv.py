@@ -159,10 +159,13 @@ def test_without_a_compiler_one_warning_and_the_torch_path(tmp_path):
         "for _ in range(3): y = kernels.short_conv(x, w)\n"
         "assert y.grad_fn is None and torch.equal(y, short_conv_shifted(x, w, None))\n"
         "print('same as the torch path')\n"
+        "try: kernels.short_conv(x, w, backend='fused_cpu')\n"
+        "except RuntimeError as error: print('forced:', error)\n"
     )
     done = _run(code, {"CC": "/nonexistent/cc", "MMREC_CACHE_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert "same as the torch path" in done.stdout
+    assert "forced: short_conv: the C kernel short_conv.c could not be built: no C compiler" in done.stdout
     assert done.stderr.count("could not be built") == 1 and "/nonexistent/cc" in done.stderr
     assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())
 

@@ -49,11 +49,14 @@ def test_without_a_compiler_fp32_takes_the_chunk_path_with_one_warning(tmp_path)
         "q, k, v = (torch.randn(1, 2, 9, 4) for _ in range(3))\n"
         "for _ in range(3): o, _ = kernels.delta_rule(q.requires_grad_(), k, v, -torch.rand(1, 2, 9), torch.rand(1, 2, 9))\n"
         "assert type(o.grad_fn).__name__ == 'DeltaRuleChunkFunctionBackward'\n"
+        "try: kernels.delta_rule(q, k, v, -torch.rand(1, 2, 9), torch.rand(1, 2, 9), backend='fused_recurrent')\n"
+        "except RuntimeError as error: print('forced:', error)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "CC": "/nonexistent/cc", "MMREC_CACHE_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr
-    assert done.stderr.count("fused recurrent C kernel could not be built") == 1 and "/nonexistent/cc" in done.stderr
+    assert done.stderr.count("C kernel fused_recurrent.c could not be built") == 1 and "/nonexistent/cc" in done.stderr
+    assert "forced: delta_rule: the C kernel fused_recurrent.c could not be built: no C compiler" in done.stdout
 
 
 def test_chunk_size_reaches_the_chunk_path():
