@@ -53,10 +53,10 @@ def compile_variant(kernel, pointer_types, constexprs, num_warps):
     print(f"compiled {kernel.fn.__name__} [{flags}] cubin={len(compiled.asm['cubin'])} shared={compiled.metadata.shared}")
 
 
-for i, name in enumerate(sys.argv[4].split(",")):
+for name, has_initial in (variant.split(":") for variant in sys.argv[4].split(",")):
     inputs, acc, acc_ptr, precision, block_v = DTYPES[name]
     constexprs = dict(
-        HAS_INITIAL=i % 2 == 0, CHUNK=CHUNK, BLOCK_K=BLOCK_K, BLOCK_V=block_v, ACC=acc, DOT_PRECISION=precision
+        HAS_INITIAL=has_initial == "1", CHUNK=CHUNK, BLOCK_K=BLOCK_K, BLOCK_V=block_v, ACC=acc, DOT_PRECISION=precision
     )
     inputs_ = dict(q_ptr=inputs, k_ptr=inputs, v_ptr=inputs, log_alpha_ptr=inputs, beta_ptr=inputs)
     pointers = inputs_ | dict(initial_ptr=acc_ptr, o_ptr=inputs, states_ptr=acc_ptr, final_ptr=acc_ptr)
@@ -69,17 +69,31 @@ for i, name in enumerate(sys.argv[4].split(",")):
 """
 
 
-def _compile(tmp_path, chunk: int, block_k: int, block_v: int, dtypes: str, timeout: int) -> list[str]:
+def _compile(tmp_path, chunk: int, block_k: int, block_v: int, dtypes: tuple[str, ...], timeout: int) -> list[str]:
+    """Compile each dtype's kernels in its own fresh process and Triton cache, all side by side (one
+    compilation uses one core); dtypes alternate with and without an initial state."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default today; silences Triton 3.9's warning
-    result = subprocess.run(
-        [sys.executable, "-c", COMPILE, str(chunk), str(block_k), str(block_v), dtypes],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    assert result.returncode == 0, f"compilation failed:\n{result.stderr[-4000:]}"
-    lines = [line for line in result.stdout.splitlines() if line.startswith("compiled ")]
-    assert len(lines) == 2 * len(dtypes.split(",")), result.stdout
+    procs = []
+    for i, name in enumerate(dtypes):
+        variant = f"{name}:{int(i % 2 == 0)}"
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", COMPILE, str(chunk), str(block_k), str(block_v), variant], cwd=REPO,
+            env={**env, "TRITON_CACHE_DIR": str(tmp_path / f"triton-cache-{name}")},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    lines = []
+    try:
+        for name, proc in zip(dtypes, procs):
+            out, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, f"compilation of the {name} kernels failed:\n{err[-4000:]}"
+            compiled = [line for line in out.splitlines() if line.startswith("compiled ")]
+            assert len(compiled) == 2, out
+            lines += compiled
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
     for line in lines:
         cubin_bytes = int(line.split("cubin=", 1)[1].split()[0])
         assert cubin_bytes > 1000, f"suspiciously small cubin: {line}"
@@ -87,12 +101,12 @@ def _compile(tmp_path, chunk: int, block_k: int, block_v: int, dtypes: str, time
 
 
 def test_every_dtype_compiles_for_sm90(tmp_path):
-    _compile(tmp_path, chunk=16, block_k=16, block_v=16, dtypes="bf16,fp32,fp64", timeout=300)
+    _compile(tmp_path, chunk=16, block_k=16, block_v=16, dtypes=("bf16", "fp32", "fp64"), timeout=300)
 
 
 @pytest.mark.slow
 def test_model_tiles_compile_and_fit_in_shared_memory(tmp_path):
     # chunk 64, Dk = Dv = 64: what the model runs (fp64 uses 32-column value blocks).
-    for line in _compile(tmp_path, chunk=64, block_k=64, block_v=64, dtypes="bf16,fp32,fp64", timeout=900):
+    for line in _compile(tmp_path, chunk=64, block_k=64, block_v=64, dtypes=("bf16", "fp32", "fp64"), timeout=900):
         shared = int(line.split("shared=", 1)[1])
         assert shared <= SM90_SHARED_MEMORY_BYTES, f"needs more shared memory than an sm_90 block has: {line}"
