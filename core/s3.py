@@ -2,7 +2,7 @@
 errors a user can act on. core.storage builds every s3:// operation on this; nothing else talks to S3.
 
 The settings come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION /
-AWS_DEFAULT_REGION and AWS_ENDPOINT_URL_S3 (before AWS_ENDPOINT_URL); `forwarded_env()` lists them for
+AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_S3 (before AWS_ENDPOINT_URL) and AWS_MAX_ATTEMPTS; `forwarded_env()` lists them for
 Ray jobs and workers, and `pyarrow_filesystem()` hands Ray Train's checkpoint upload a filesystem
 built from the same settings. Failures a user can fix (wrong credentials, missing bucket,
 unreachable endpoint, missing object) become StorageError with a message saying what to do.
@@ -52,10 +52,25 @@ class S3Settings:
             secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
             session_token=env.get("AWS_SESSION_TOKEN") or None,
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            max_attempts=_max_attempts(env.get("AWS_MAX_ATTEMPTS")),
         )
 
     def __repr__(self) -> str:  # never print secrets into logs
         return f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+
+
+def _max_attempts(raw: str | None) -> int:
+    """AWS_MAX_ATTEMPTS as the AWS SDKs read it: attempts per request, the first one included."""
+    if not raw:
+        return DEFAULT_ATTEMPTS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise StorageError(f"AWS_MAX_ATTEMPTS={raw!r} is not a positive whole number: it is the number of attempts "
+                           f"per S3 request (unset means {DEFAULT_ATTEMPTS}); fix or unset it")
+    return value
 
 
 _settings_override: S3Settings | None = None
@@ -186,7 +201,7 @@ def with_retries(operation: Callable[[], T], *, what: str, attempts: int | None 
 
 FORWARDED_ENV = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_CA_BUNDLE",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_CA_BUNDLE", "AWS_MAX_ATTEMPTS",
 )
 
 
@@ -207,6 +222,7 @@ def pyarrow_filesystem(url: str):
         session_token=settings.session_token, region=settings.region or "us-east-1",
         # Path-style addressing: S3 servers outside AWS rarely serve bucket subdomains.
         force_virtual_addressing=False,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
     )
     if settings.endpoint_url:
         scheme, _, host = settings.endpoint_url.partition("://")

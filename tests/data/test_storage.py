@@ -51,6 +51,18 @@ def test_wrong_secret_and_missing_bucket_give_clear_errors(s3_env):
         storage.read_bytes("s3://corpora/no/such/key")
 
 
+def test_max_attempts_comes_from_aws_max_attempts_and_bad_values_are_named(monkeypatch):
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    assert storage.S3Settings.from_env().max_attempts == 6
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert storage.S3Settings.from_env().max_attempts == 2
+    assert "AWS_MAX_ATTEMPTS" in storage.forwarded_env()  # Ray workers retry as the driver does
+    for bad in ("0", "three", "-1"):
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", bad)
+        with pytest.raises(storage.StorageError, match=f"AWS_MAX_ATTEMPTS='{bad}' is not a positive whole number"):
+            storage.S3Settings.from_env()
+
+
 def test_retries_transient_errors_with_backoff():
     # A fault injected on purpose: a real server cannot be made to drop exactly two requests.
     calls = []

@@ -132,6 +132,7 @@ def test_storage_problems_are_named_before_any_training_step(s3, tmp_path, what)
         from cluster.ray_head import free_port
 
         env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+        env["AWS_MAX_ATTEMPTS"] = "2"  # refused connections are retried: a short budget, honoured, keeps this quick
         expected = ["cannot reach the S3 endpoint", "AWS_ENDPOINT_URL"]
     args = ["--stage", "stage1", "--set", f"data.manifest={manifest}", "--set", f"run.storage_path={runs}",
             "--set", f"train.seq_len={SEQ_LEN}", "--set", "train.micro_batch_size=2", *SMALL]
