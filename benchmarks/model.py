@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import resource
 import statistics
 import time
@@ -29,7 +30,7 @@ from torch import nn
 from benchmarks._harness import print_table
 from mmrec.config import ModelConfig, get_config
 from mmrec.model import RMSNorm, SwiGLU, build_base, count_parameters
-from mmrec.train.hardware import keep_freed_memory, peak_flops
+from mmrec.train.hardware import allocator_env, keep_freed_memory, peak_flops
 
 
 def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -166,6 +167,7 @@ def _cell(kind: str, config: ModelConfig, length: int, args: dict, queue) -> Non
 
 def measure(kind: str, config: ModelConfig, length: int, args: dict) -> dict:
     ctx = multiprocessing.get_context("spawn")
+    os.environ.update(allocator_env())  # the cell's allocator as a Ray Train worker's (read at its start)
     queue = ctx.Queue()
     child = ctx.Process(target=_cell, args=(kind, config, length, args, queue))
     child.start()

@@ -21,6 +21,7 @@ from cluster.worker import train_worker
 from core import storage
 from core.config import Config, ConfigError
 from mmrec.train.checkpoint import resolve_export
+from mmrec.train.hardware import allocator_env
 from mmrec.train.preflight import preflight
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,10 @@ class StageResult:
 
 
 def worker_env(cfg: Config) -> dict[str, str]:
-    """Environment of every worker: thread counts, the storage credentials, the compiled-op cache."""
-    env = {"OMP_NUM_THREADS": str(max(1, int(cfg.scaling.cpus_per_worker))), **storage.forwarded_env()}
+    """Environment of every worker: thread counts, the storage credentials, the compiled-op cache, and
+    glibc's allocator set up to reuse large blocks (mmrec.train.hardware.keep_freed_memory)."""
+    env = {"OMP_NUM_THREADS": str(max(1, int(cfg.scaling.cpus_per_worker))), **storage.forwarded_env(),
+           **allocator_env()}
     for name in ("TORCH_EXTENSIONS_DIR", "MMREC_CACHE_DIR"):
         if os.environ.get(name):
             env[name] = os.environ[name]

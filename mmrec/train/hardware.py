@@ -35,7 +35,34 @@ _CACHE = Path(os.environ.get("MMREC_CACHE_DIR", Path.home() / ".cache" / "mmrec"
 
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_MXFAST, _M_TRIM_THRESHOLD, _M_MMAP_MAX = 1, -1, -4
+# Read by glibc when a process starts; see keep_freed_memory.
+TCACHE_OFF = "glibc.malloc.tcache_count=0"
+
+
+def tcache_off(environ=os.environ) -> bool:
+    """Whether this process (or one started with `environ`) runs glibc with its per-thread cache off."""
+    return TCACHE_OFF in environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def _started_with_tcache_off() -> bool:
+    """tcache_off() of the environment this process started with, which is what glibc read (Linux keeps
+    it in /proc/self/environ; GLIBC_TUNABLES set in os.environ later changes nothing)."""
+    try:
+        entries = Path("/proc/self/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    initial = dict(e.decode(errors="replace").split("=", 1) for e in entries if b"=" in e)
+    return tcache_off(initial)
+
+
+def allocator_env(environ=os.environ) -> dict[str, str]:
+    """GLIBC_TUNABLES for a process about to start (Ray Train workers, benchmark cells): the tunables
+    already set, plus glibc's per-thread cache off (see keep_freed_memory)."""
+    current = environ.get("GLIBC_TUNABLES", "")
+    if tcache_off(environ):
+        return {"GLIBC_TUNABLES": current}
+    return {"GLIBC_TUNABLES": f"{current}:{TCACHE_OFF}" if current else TCACHE_OFF}
 
 
 def keep_freed_memory() -> str:
@@ -45,8 +72,18 @@ def keep_freed_memory() -> str:
     unmaps it on free, so every large activation of a long sequence is zero-filled by the kernel page
     by page again on the next step: at T = 32K, `small` took 26.8M minor page faults per training step
     (about 100 GB of zeroed pages) and ran at 0.74x the speed it has with this. Serving everything
-    from the heap and never trimming it (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2 GiB - 1) keeps
-    the resident size at the step's peak, which a training process reaches on every step anyway.
+    from the heap (mallopt M_MMAP_MAX = 0) keeps those pages in the process.
+
+    That alone does not make the heap reuse them: torch asks for 64-byte-aligned blocks
+    (posix_memalign), glibc (2.36) carves each from a larger chunk and frees the few bytes of slack
+    before and after it into its per-thread cache (tcache) or a fastbin, where they never coalesce,
+    so the hole a freed block leaves is too small for the next request of the same size, which then
+    takes fresh pages. With fastbins off (M_MXFAST = 0, set here) and the tcache off (only settable
+    when the process starts: GLIBC_TUNABLES, see allocator_env; Ray Train workers get it) the slack
+    coalesces and the same block is reused, so nothing is ever trimmed (M_TRIM_THRESHOLD = -1): the
+    resident size stays at the step's peak, which a training process reaches on every step anyway.
+    With the tcache on, trimming starts above 2 GiB of free heap, which bounds the growth the
+    unreusable holes cause at the price of faulting those pages in again.
     Not glibc (musl, macOS): nothing is changed.
     """
     name = ctypes.util.find_library("c")
@@ -55,9 +92,12 @@ def keep_freed_memory() -> str:
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
         return f"CPU allocator left as it is ({name or 'no C library found'} has no mallopt)"
-    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_MXFAST, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
         return "CPU allocator left as it is (mallopt refused)"
-    return "CPU allocator keeps freed memory for reuse (no mmap per large tensor, no trimming)"
+    if _started_with_tcache_off() and mallopt(_M_TRIM_THRESHOLD, -1) == 1:
+        return "CPU allocator keeps freed memory and reuses large blocks (no mmap per tensor, glibc tcache off, no trimming)"
+    return ("CPU allocator keeps freed memory (no mmap per tensor, trimming above 2 GiB); large blocks are reused "
+            f"across steps only in a process started with GLIBC_TUNABLES={TCACHE_OFF}, as Ray Train workers are")
 
 
 def cpu_flags() -> set[str]:

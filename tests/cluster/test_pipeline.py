@@ -27,6 +27,8 @@ def test_smoke_pipeline_passes_its_checks_and_leaves_its_records(tmp_path):
     assert run.returncode == 0, output[-5000:]
     assert "Traceback" not in output
     assert output.count("[pipeline] PASS: ") == 6 and "FAIL" not in output
+    # Every stage's workers started with the allocator set up to reuse large blocks (cluster.launch.worker_env).
+    assert output.count("CPU allocator keeps freed memory and reuses large blocks") == len(STAGES), output[-5000:]
     for stage in STAGES:
         assert re.search(rf"{stage} \| \[{stage}\] step \d+/\d+ \| .* \| eta ", output), f"no progress of {stage}"
 

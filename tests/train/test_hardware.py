@@ -55,3 +55,46 @@ print(faults() - before)
     # Kept: at most about one round faults again (on one CI machine the heap's layout made the first
     # measured round fault once more); never every round.
     assert runs["keep"] < 0.3 * pages, runs
+
+
+def test_with_the_tcache_off_a_freed_aligned_block_is_reused_without_page_faults():
+    """torch's 64-byte-aligned blocks: with glibc's tcache on, a freed block's hole is too small for the next
+    request of its size, which takes (and faults in) fresh pages; started with allocator_env(), the process
+    hands the same block back. Fresh interpreters: the tunable is read when a process starts."""
+    import os
+    import subprocess
+    import sys
+
+    from mmrec.train.hardware import TCACHE_OFF, allocator_env
+
+    probe = """
+import resource, sys, torch
+from mmrec.train.hardware import keep_freed_memory
+print(keep_freed_memory(), file=sys.stderr)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+addresses, before = [], faults()
+for _ in range(4):  # 128 MiB each
+    tensor = torch.empty(32 * 2**20)
+    tensor.fill_(1.0)
+    addresses.append(tensor.data_ptr())
+    del tensor
+print(len(set(addresses)), faults() - before)
+"""
+    assert allocator_env({})["GLIBC_TUNABLES"] == TCACHE_OFF
+    assert allocator_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == \
+        f"glibc.malloc.arena_max=2:{TCACHE_OFF}"  # tunables already set are kept
+    assert allocator_env({"GLIBC_TUNABLES": TCACHE_OFF}) == {"GLIBC_TUNABLES": TCACHE_OFF}
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    started_with = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                                  env={**env, **allocator_env(env)})
+    assert started_with.returncode == 0, started_with.stderr
+    assert "reuses large blocks" in started_with.stderr and "no trimming" in started_with.stderr
+    blocks, faults = map(int, started_with.stdout.split())
+    pages = 32 * 2**20 * 4 // 4096
+    assert blocks == 1 and faults < 1.2 * pages, started_with.stdout  # one block, faulted in once
+    # Set after the start, the tunable does nothing, and the line does not claim it does.
+    late = subprocess.run([sys.executable, "-c", f"import os; os.environ['GLIBC_TUNABLES'] = '{TCACHE_OFF}'\n" + probe],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert late.returncode == 0, late.stderr
+    assert "reuses large blocks" not in late.stderr and f"GLIBC_TUNABLES={TCACHE_OFF}" in late.stderr
