@@ -167,7 +167,6 @@ def _cell(kind: str, config: ModelConfig, length: int, args: dict, queue) -> Non
 
 def measure(kind: str, config: ModelConfig, length: int, args: dict) -> dict:
     ctx = multiprocessing.get_context("spawn")
-    os.environ.update(allocator_env())  # the cell's allocator as a Ray Train worker's (read at its start)
     queue = ctx.Queue()
     child = ctx.Process(target=_cell, args=(kind, config, length, args, queue))
     child.start()
@@ -210,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--lengths must be positive, got {args.lengths}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    os.environ.update(allocator_env())  # every cell's allocator as a Ray Train worker's (read when it starts)
 
     config = get_config(args.config)
     device = torch.device(args.device)

@@ -40,27 +40,27 @@ _M_MXFAST, _M_TRIM_THRESHOLD, _M_MMAP_MAX = 1, -1, -4
 TCACHE_OFF = "glibc.malloc.tcache_count=0"
 
 
-def tcache_off(environ=os.environ) -> bool:
-    """Whether this process (or one started with `environ`) runs glibc with its per-thread cache off."""
+def _tcache_off(environ) -> bool:
+    """Whether a process started with `environ` runs glibc with its per-thread cache off."""
     return TCACHE_OFF in environ.get("GLIBC_TUNABLES", "").split(":")
 
 
 def _started_with_tcache_off() -> bool:
-    """tcache_off() of the environment this process started with, which is what glibc read (Linux keeps
+    """_tcache_off() of the environment this process started with, which is what glibc read (Linux keeps
     it in /proc/self/environ; GLIBC_TUNABLES set in os.environ later changes nothing)."""
     try:
         entries = Path("/proc/self/environ").read_bytes().split(b"\0")
     except OSError:
         return False
     initial = dict(e.decode(errors="replace").split("=", 1) for e in entries if b"=" in e)
-    return tcache_off(initial)
+    return _tcache_off(initial)
 
 
 def allocator_env(environ=os.environ) -> dict[str, str]:
     """GLIBC_TUNABLES for a process about to start (Ray Train workers, benchmark cells): the tunables
     already set, plus glibc's per-thread cache off (see keep_freed_memory)."""
     current = environ.get("GLIBC_TUNABLES", "")
-    if tcache_off(environ):
+    if _tcache_off(environ):
         return {"GLIBC_TUNABLES": current}
     return {"GLIBC_TUNABLES": f"{current}:{TCACHE_OFF}" if current else TCACHE_OFF}
 
@@ -92,9 +92,11 @@ def keep_freed_memory() -> str:
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
         return f"CPU allocator left as it is ({name or 'no C library found'} has no mallopt)"
-    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_MXFAST, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+    reuse = _started_with_tcache_off()
+    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_MXFAST, 0) != 1 or \
+            mallopt(_M_TRIM_THRESHOLD, -1 if reuse else 2**31 - 1) != 1:
         return "CPU allocator left as it is (mallopt refused)"
-    if _started_with_tcache_off() and mallopt(_M_TRIM_THRESHOLD, -1) == 1:
+    if reuse:
         return "CPU allocator keeps freed memory and reuses large blocks (no mmap per tensor, glibc tcache off, no trimming)"
     return ("CPU allocator keeps freed memory (no mmap per tensor, trimming above 2 GiB); large blocks are reused "
             f"across steps only in a process started with GLIBC_TUNABLES={TCACHE_OFF}, as Ray Train workers are")
